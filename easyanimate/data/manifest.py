@@ -1,0 +1,97 @@
+"""The curated-dataset manifest: one row per clip, rejected and quarantined clips included.
+
+Keeping rejects in the manifest makes every filter decision auditable (why was this scene dropped,
+with which score) and lets thresholds be re-tuned from the stored scores without re-decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS: dict[str, str] = {
+    "clip_id": "string",
+    "source": "string",
+    "start_s": "float64",
+    "end_s": "float64",
+    "duration_s": "float64",
+    "width": "Int64",
+    "height": "Int64",
+    "fps": "float64",
+    "aesthetic": "float64",
+    "text_area": "float64",
+    "motion": "float64",
+    "caption": "string",
+    "status": "string",  # accepted | rejected | quarantined
+    "reject_reason": "string",  # <NA> for accepted
+    "clip_path": "string",  # relative to the curated output dir; accepted rows only
+    "split": "string",  # train | val; accepted rows only
+}
+STATUSES = ("accepted", "rejected", "quarantined")
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_clip_id(source_hash: str, start_s: float, end_s: float) -> str:
+    """Content address: same source bytes and same span give the same id, whatever the file name."""
+    return hashlib.sha256(f"{source_hash}:{start_s:.3f}:{end_s:.3f}".encode()).hexdigest()[:20]
+
+
+def _unit_hash(clip_id: str) -> float:
+    return int(hashlib.sha256(f"split:{clip_id}".encode()).hexdigest()[:12], 16) / float(16**12)
+
+
+def assign_splits(df: pd.DataFrame, val_fraction: float) -> pd.Series:
+    """Deterministic train/val by clip-id hash; at least one val (and one train) when >= 2 accepted."""
+    split = pd.Series(pd.NA, index=df.index, dtype="string")
+    acc = df.index[df["status"] == "accepted"]
+    if len(acc) == 0:
+        return split
+    u = df.loc[acc, "clip_id"].map(_unit_hash)
+    split.loc[acc] = ["val" if x < val_fraction else "train" for x in u]
+    if len(acc) >= 2:
+        if not (split.loc[acc] == "val").any():
+            split.loc[u.idxmin()] = "val"  # the clip closest to the val side of the hash line
+        if not (split.loc[acc] == "train").any():
+            split.loc[u.idxmax()] = "train"
+    return split
+
+
+def to_frame(records: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records, columns=list(COLUMNS))
+    for col, dtype in COLUMNS.items():
+        df[col] = df[col].astype(dtype)
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    df = pd.read_parquet(path)
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} is not a curation manifest: missing columns {missing}")
+    for col, dtype in COLUMNS.items():
+        df[col] = df[col].astype(dtype)
+    return df

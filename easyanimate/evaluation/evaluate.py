@@ -1,0 +1,154 @@
+"""Evaluate a candidate pipeline on the held-out clips, deterministically, and decide its gate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from easyanimate.config import Settings, resolve_weight_path
+from easyanimate.data.datasets import load_clip_frames, to_model_range
+from easyanimate.data.video_io import write_video
+from easyanimate.evaluation.metrics import flicker, psnr, ssim
+from easyanimate.utils import atomic_directory
+
+
+@dataclass
+class EvalReport:
+    metrics: dict[str, float]
+    passed: bool
+    reasons: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def ddpm_config(settings: Settings) -> dict:
+    return {
+        "num_train_timesteps": settings.dit.num_train_timesteps,
+        "beta_schedule": settings.dit.beta_schedule,
+        "prediction_type": "epsilon",
+    }
+
+
+def assemble_pipeline(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir: Path) -> Path:
+    """Put the trained VAE and DiT, the text encoder and the inference scheduler into one pipeline folder."""
+    from easyanimate.models.dit import EasyAnimateTransformer3DModel
+    from easyanimate.models.text_encoder import load_text_encoder
+    from easyanimate.models.vae import SliceVAE
+    from easyanimate.pipelines import EasyAnimatePipeline, make_scheduler
+
+    tokenizer, text_encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
+    pipe = EasyAnimatePipeline(
+        vae=SliceVAE.from_pretrained(vae_dir),
+        transformer=EasyAnimateTransformer3DModel.from_pretrained(dit_dir),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=make_scheduler(settings.generate.scheduler, ddpm_config(settings)),
+    )
+    with atomic_directory(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out_dir
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def vae_reconstruction_metrics(vae, clips, num_frames: int) -> dict[str, float]:
+    psnrs, ssims = [], []
+    for clip in clips:
+        length = num_frames if clip.frames.shape[0] >= num_frames else 1
+        x = to_model_range(clip.frames[:length].unsqueeze(0))
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        ref, out = _to_uint8(x[0]), _to_uint8(recon[0])
+        psnrs.append(psnr(ref, out))
+        ssims.append(ssim(ref, out))
+    return {"eval/vae_psnr": float(np.mean(psnrs)), "eval/vae_ssim": float(np.mean(ssims))}
+
+
+@torch.no_grad()
+def dit_validation_loss(settings: Settings, pipe, clips, num_frames: int) -> dict[str, float]:
+    """Loss at fixed timesteps with fixed noise: deterministic, so versions compare fairly."""
+    from easyanimate.training.dit import LatentBank, TextBank, diffusion_loss, encode_windows, make_train_scheduler
+    from easyanimate.models.text_encoder import encode_prompts
+
+    captions = [""] + sorted({c.caption for c in clips if c.caption})
+    hidden, mask = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions, settings.dit.model.max_text_tokens)
+    text = TextBank(captions, hidden, mask)
+    bank: LatentBank = encode_windows(pipe.vae, clips, num_frames, text, settings.evaluate.seed)
+    if len(bank) == 0:
+        bank = encode_windows(pipe.vae, clips, 1, text, settings.evaluate.seed)
+    scheduler = make_train_scheduler(settings)
+    latents = torch.stack(bank.latents)
+    model = pipe.transformer.eval()
+    metrics, losses = {}, []
+    for t in settings.evaluate.val_timesteps:
+        generator = torch.Generator().manual_seed(settings.evaluate.seed + t)
+        timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
+        loss = float(diffusion_loss(model, scheduler, latents, text.hidden[bank.caption_ids],
+                                    text.mask[bank.caption_ids], generator, timesteps))
+        metrics[f"eval/val_loss_t{t}"] = loss
+        losses.append(loss)
+    metrics["eval/val_loss"] = float(np.mean(losses))
+    return metrics
+
+
+def generate_samples(settings: Settings, pipe, out_dir: Path) -> tuple[dict[str, float], list[Path]]:
+    import imageio.v3 as iio
+
+    g = settings.generate
+    flickers, paths = [], []
+    for i, prompt in enumerate(g.prompts):
+        generator = torch.Generator().manual_seed(g.seed + i)
+        frames = pipe(prompt, negative_prompt=g.negative_prompt or None, num_frames=g.num_frames, height=g.height,
+                      width=g.width, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
+                      generator=generator, output_type="np", max_text_tokens=settings.dit.model.max_text_tokens).frames[0]
+        mp4 = out_dir / "samples" / f"sample_{i}.mp4"
+        write_video(frames, mp4, fps=g.fps)
+        gif = mp4.with_suffix(".gif")
+        iio.imwrite(gif, frames, extension=".gif", duration=1000 / g.fps, loop=0)
+        flickers.append(flicker(frames))
+        paths += [mp4, gif]
+    return {"eval/flicker": float(np.mean(flickers))}, paths
+
+
+def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path, out_dir: Path) -> EvalReport:
+    from easyanimate.pipelines import EasyAnimatePipeline
+
+    torch.manual_seed(settings.evaluate.seed)
+    pipe = EasyAnimatePipeline.from_pretrained(pipeline_dir)
+    res = settings.generate.height
+    num_frames = settings.generate.num_frames
+    clips = load_clip_frames(curated_dir, "val", res, settings.vae.stage1.sample_fps)
+    metrics: dict[str, float] = {}
+    reasons: list[str] = []
+    skipped = {
+        "clipscore": "skipped: no local CLIP weights configured (weights.aesthetic_clip)",
+        "fvd": "skipped: no local I3D weights configured",
+    }
+    if clips:
+        metrics.update(vae_reconstruction_metrics(pipe.vae, clips, num_frames))
+        metrics.update(dit_validation_loss(settings, pipe, clips, num_frames))
+    else:
+        reasons.append("no held-out clips in the manifest (split == 'val')")
+    sample_metrics, artifacts = generate_samples(settings, pipe, out_dir)
+    metrics.update(sample_metrics)
+    metrics["eval/num_val_clips"] = float(len(clips))
+
+    e = settings.evaluate
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            reasons.append(f"{key} is not finite ({value})")
+    if "eval/vae_psnr" in metrics and metrics["eval/vae_psnr"] < e.min_vae_psnr:
+        reasons.append(f"eval/vae_psnr {metrics['eval/vae_psnr']:.2f} < evaluate.min_vae_psnr {e.min_vae_psnr}")
+    if "eval/val_loss" in metrics and metrics["eval/val_loss"] > e.max_val_loss:
+        reasons.append(f"eval/val_loss {metrics['eval/val_loss']:.4f} > evaluate.max_val_loss {e.max_val_loss}")
+    if metrics["eval/flicker"] > e.max_flicker:
+        reasons.append(f"eval/flicker {metrics['eval/flicker']:.4f} > evaluate.max_flicker {e.max_flicker}")
+    metrics["eval/passed"] = float(not reasons)
+    return EvalReport(metrics, not reasons, reasons, skipped, artifacts)

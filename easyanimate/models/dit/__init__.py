@@ -1,0 +1,3 @@
+from .transformer import EasyAnimateTransformer3DModel
+
+__all__ = ["EasyAnimateTransformer3DModel"]

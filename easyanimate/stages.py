@@ -1,0 +1,209 @@
+"""The pipeline's stages as plain library calls: what each reads, writes and depends on.
+
+This is the one description of the DAG. Prefect flows (``flows/``), the CLI and ``dvc.yaml`` all
+run these functions; ``tests/test_dvc.py`` checks that ``dvc.yaml`` agrees with ``STAGES``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from easyanimate.config import Settings
+from easyanimate.utils import atomic_write_json, atomic_write_text, hash_path
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    deps: tuple[str, ...]  # names of ``settings.paths`` fields this stage reads
+    outs: tuple[str, ...]  # names of ``settings.paths`` fields this stage writes
+    params: tuple[str, ...]  # dotted settings sections that configure it
+    modules: tuple[str, ...]  # library modules whose code defines it
+
+
+_COMMON = ("easyanimate.config", "easyanimate.stages", "easyanimate.utils")
+_TRAIN = ("easyanimate.training.common", "easyanimate.data.datasets")
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("curate", ("raw_videos", "captions"), ("curated",), ("curate", "weights"),
+              ("easyanimate.data.curate", "easyanimate.data.scenes", "easyanimate.data.video_io",
+               "easyanimate.data.manifest", "easyanimate.data.quality", "easyanimate.data.filters",
+               "easyanimate.data.captioners")),
+    StageSpec("vae_stage1", ("curated",), ("vae_stage1",), ("vae.model", "vae.stage1", "vae.mixed_precision"),
+              ("easyanimate.training.vae", "easyanimate.models.vae") + _TRAIN),
+    StageSpec("vae_stage2", ("curated", "vae_stage1"), ("vae_stage2",), ("vae.stage2", "vae.mixed_precision"),
+              ("easyanimate.training.vae", "easyanimate.models.vae") + _TRAIN),
+    StageSpec("dit_stage1", ("curated", "vae_stage2"), ("dit_stage1",),
+              ("dit.model", "dit.stage1", "dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout",
+               "dit.mixed_precision", "weights.text_encoder"),
+              ("easyanimate.training.dit", "easyanimate.models.dit", "easyanimate.models.text_encoder") + _TRAIN),
+    StageSpec("dit_stage2", ("curated", "vae_stage2", "dit_stage1"), ("dit_stage2",),
+              ("dit.stage2", "dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout",
+               "dit.mixed_precision", "weights.text_encoder"),
+              ("easyanimate.training.dit", "easyanimate.models.dit", "easyanimate.models.text_encoder") + _TRAIN),
+    StageSpec("dit_stage3", ("curated", "vae_stage2", "dit_stage2"), ("dit_stage3",),
+              ("dit.stage3", "dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout",
+               "dit.mixed_precision", "weights.text_encoder"),
+              ("easyanimate.training.dit", "easyanimate.models.dit", "easyanimate.models.text_encoder") + _TRAIN),
+    StageSpec("lora", ("curated", "vae_stage2", "dit_stage3"), ("lora",), ("lora", "dit.num_train_timesteps",
+              "dit.beta_schedule", "weights.text_encoder"),
+              ("easyanimate.training.lora", "easyanimate.training.dit") + _TRAIN),
+    StageSpec("evaluate", ("curated", "vae_stage2", "dit_stage3"), ("pipeline",),
+              ("evaluate", "generate", "dit.num_train_timesteps", "dit.beta_schedule", "weights.text_encoder"),
+              ("easyanimate.evaluation.evaluate", "easyanimate.pipelines")),
+    StageSpec("register", ("pipeline", "lora"), (), ("registry",), ()),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def get_stage(name: str) -> StageSpec:
+    for spec in STAGES:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
+
+
+def _module_files(module: str) -> list[Path]:
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
+    return [Path(spec.origin)]
+
+
+def stage_version(name: str, settings: Settings) -> str:
+    """Changes when the stage's code or its settings change (Prefect task ``version``)."""
+    spec = get_stage(name)
+    digest = hashlib.sha256()
+    for module in _COMMON + spec.modules:
+        for file in _module_files(module):
+            digest.update(file.read_bytes())
+    digest.update(settings.section_hash(*spec.params).encode() if spec.params else b"")
+    return digest.hexdigest()[:12]
+
+
+def stage_inputs_hash(name: str, settings: Settings) -> str:
+    """Content hash of everything the stage reads (its inputs' bytes), for caching and checkpoints."""
+    spec = get_stage(name)
+    digest = hashlib.sha256(stage_version(name, settings).encode())
+    for dep in spec.deps:
+        path = getattr(settings.paths, dep)
+        digest.update(dep.encode())
+        digest.update(hash_path(path).encode() if path.exists() else b"missing")
+    return digest.hexdigest()[:16]
+
+
+def outputs_present(name: str, settings: Settings) -> bool:
+    spec = get_stage(name)
+    return all(getattr(settings.paths, out).exists() for out in spec.outs) and (
+        report_dir(settings, name) / "metrics.json"
+    ).exists()
+
+
+def report_dir(settings: Settings, name: str) -> Path:
+    return settings.paths.reports / name
+
+
+def checkpoint_dir(settings: Settings, name: str) -> Path:
+    # Keyed by inputs + settings: a changed config never resumes from a stale run's checkpoints.
+    return settings.paths.checkpoints / f"{name}-{stage_inputs_hash(name, settings)}"
+
+
+def write_reports(settings: Settings, name: str, metrics: dict, losses: Sequence[float] | None = None) -> Path:
+    """``reports/<stage>/metrics.json`` (DVC metrics) and ``loss.csv`` (DVC plots)."""
+    out = report_dir(settings, name)
+    if losses is not None:
+        rows = ["step,loss"] + [f"{i + 1},{loss:.6f}" for i, loss in enumerate(losses)]
+        atomic_write_text(out / "loss.csv", "\n".join(rows) + "\n")
+    atomic_write_json(out / "metrics.json", metrics)
+    return out / "metrics.json"
+
+
+@dataclass
+class StageResult:
+    name: str
+    metrics: dict
+    outputs: dict[str, Path] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------- training stages
+def run_vae_stage(settings: Settings, stage: int, trackers=None, show_progress: bool = True) -> StageResult:
+    from easyanimate.training.vae import train_vae
+
+    name = f"vae_stage{stage}"
+    out = getattr(settings.paths, name)
+    result = train_vae(
+        settings, stage, settings.paths.curated, out, ckpt_dir=checkpoint_dir(settings, name),
+        init_dir=settings.paths.vae_stage1 if stage == 2 else None, trackers=trackers, show_progress=show_progress,
+    )
+    metrics = result.metrics(name)
+    write_reports(settings, name, metrics, result.losses)
+    return StageResult(name, metrics, {name: out}, [report_dir(settings, name) / "loss.csv"])
+
+
+def run_dit_stage(settings: Settings, stage: int, trackers=None, show_progress: bool = True) -> StageResult:
+    from easyanimate.training.dit import train_dit
+
+    name = f"dit_stage{stage}"
+    out = getattr(settings.paths, name)
+    init = {1: None, 2: settings.paths.dit_stage1, 3: settings.paths.dit_stage2}[stage]
+    result = train_dit(
+        settings, stage, settings.paths.curated, settings.paths.vae_stage2, out,
+        ckpt_dir=checkpoint_dir(settings, name), init_dir=init, trackers=trackers, show_progress=show_progress,
+    )
+    metrics = result.metrics(name)
+    write_reports(settings, name, metrics, result.losses)
+    return StageResult(name, metrics, {name: out}, [report_dir(settings, name) / "loss.csv"],
+                       info={"parent": str(init) if init else None})
+
+
+def run_lora_stage(settings: Settings, trackers=None, show_progress: bool = True) -> StageResult:
+    from easyanimate.training.lora import train_lora
+
+    result = train_lora(
+        settings, settings.paths.curated, settings.paths.vae_stage2, settings.paths.dit_stage3, settings.paths.lora,
+        ckpt_dir=checkpoint_dir(settings, "lora"), trackers=trackers, show_progress=show_progress,
+    )
+    metrics = result.metrics("lora")
+    write_reports(settings, "lora", metrics, result.losses)
+    return StageResult("lora", metrics, {"lora": settings.paths.lora}, [report_dir(settings, "lora") / "loss.csv"])
+
+
+def run_evaluate_stage(settings: Settings, show_progress: bool = True) -> StageResult:
+    from easyanimate.evaluation.evaluate import assemble_pipeline, evaluate_pipeline
+
+    assemble_pipeline(settings, settings.paths.vae_stage2, settings.paths.dit_stage3, settings.paths.pipeline)
+    report = evaluate_pipeline(settings, settings.paths.pipeline, settings.paths.curated, report_dir(settings, "evaluate"))
+    write_reports(settings, "evaluate", report.metrics)
+    atomic_write_json(report_dir(settings, "evaluate") / "gate.json",
+                      {"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped})
+    return StageResult("evaluate", report.metrics, {"pipeline": settings.paths.pipeline}, report.artifacts,
+                       info={"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped})
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def read_loss_csv(path: Path) -> list[tuple[int, float]]:
+    with open(path) as handle:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]
+
+
+TRAINING_RUNNERS: dict[str, Callable[..., StageResult]] = {
+    "vae_stage1": lambda s, **kw: run_vae_stage(s, 1, **kw),
+    "vae_stage2": lambda s, **kw: run_vae_stage(s, 2, **kw),
+    "dit_stage1": lambda s, **kw: run_dit_stage(s, 1, **kw),
+    "dit_stage2": lambda s, **kw: run_dit_stage(s, 2, **kw),
+    "dit_stage3": lambda s, **kw: run_dit_stage(s, 3, **kw),
+    "lora": run_lora_stage,
+}

@@ -1,0 +1,159 @@
+"""The training loop every stage shares: accelerate, checkpoints, resume, tracker logging.
+
+Metrics leave through accelerate's tracker API (``accelerator.log``); the caller decides where
+they go (the Prefect flows hand in an MLflow tracker), so the library imports no tracking client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from diffusers.optimization import get_scheduler
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from easyanimate.config import TrainStageConfig
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+    samples_per_second: float = 0.0
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}/final_loss": self.final_loss,
+            f"{prefix}/mean_loss_last10": float(sum(self.losses[-10:]) / max(1, len(self.losses[-10:]))),
+            f"{prefix}/train_seconds": self.seconds,
+            f"{prefix}/samples_per_second": self.samples_per_second,
+            f"{prefix}/steps": float(self.steps),
+            f"{prefix}/resumed_from_step": float(self.resumed_from),
+        }
+
+
+def make_accelerator(mixed_precision: str, trackers: Sequence[GeneralTracker] | None = None) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    return Accelerator(
+        mixed_precision="no" if cpu else mixed_precision,
+        cpu=cpu,
+        log_with=list(trackers) if trackers else None,
+    )
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
+    found = []
+    if ckpt_dir.exists():
+        for child in ckpt_dir.iterdir():
+            match = _CKPT.match(child.name)
+            if match and (child / "trainer_state.json").exists():
+                found.append((int(match.group(1)), child))
+    return max(found) if found else None
+
+
+def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int, losses: list[float], keep: int) -> None:
+    final = ckpt_dir / f"checkpoint-{step:07d}"
+    tmp = ckpt_dir / f".checkpoint-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    # The state file is the commit marker: a checkpoint without it is never resumed from.
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "losses": losses}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    existing = sorted(p for p in ckpt_dir.iterdir() if _CKPT.match(p.name))
+    for old in existing[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_loop(
+    *,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    trainable: Iterable[torch.nn.Parameter],
+    cfg: TrainStageConfig,
+    compute_loss: Callable[[torch.nn.Module, int], torch.Tensor],
+    ckpt_dir: Path,
+    name: str,
+    tracker_config: dict | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Run ``cfg.steps`` optimisation steps of ``compute_loss(model, step)``; resume from ``ckpt_dir``."""
+    params = [p for p in trainable if p.requires_grad]
+    if not params:
+        raise ValueError(f"{name}: no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup", optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    accelerator.init_trackers(name, config=tracker_config or {})
+
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    start, losses = 0, []
+    latest = latest_checkpoint(ckpt_dir)
+    if latest:
+        accelerator.load_state(str(latest[1]))
+        state = json.loads((latest[1] / "trainer_state.json").read_text())
+        start, losses = int(state["step"]), list(state["losses"])
+
+    model.train()
+    began = time.perf_counter()
+    progress = Progress(
+        TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeRemainingColumn(), disable=not show_progress or not accelerator.is_main_process,
+    )
+    with progress:
+        bar = progress.add_task(name, total=cfg.steps, completed=start, loss="-")
+        for step in range(start, cfg.steps):
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            value = float(accelerator.gather(loss.detach()).mean())
+            losses.append(value)
+            accelerator.log({f"{name}/loss": value, f"{name}/lr": lr_scheduler.get_last_lr()[0]}, step=step + 1)
+            progress.update(bar, advance=1, loss=f"{value:.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    _save_checkpoint(accelerator, ckpt_dir, step + 1, losses, cfg.keep_checkpoints)
+    seconds = time.perf_counter() - began
+    done = cfg.steps - start
+    result = TrainResult(
+        steps=cfg.steps,
+        final_loss=losses[-1] if losses else math.nan,
+        losses=losses,
+        seconds=seconds,
+        resumed_from=start,
+        samples_per_second=(done * cfg.batch_size / seconds) if seconds > 0 and done else 0.0,
+    )
+    accelerator.log(result.metrics(name), step=cfg.steps)
+    accelerator.end_training()
+    return result
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Per-step RNG, so noise and timesteps are the same whether or not a run was resumed."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)

@@ -1,0 +1,192 @@
+"""Video DiT training in the Slice VAE's latent space, in EasyAnimate's three stages.
+
+1. image-only training adapts the DiT to the VAE;
+2. only the motion module trains, on images and videos;
+3. the whole model fine-tunes on the best clips (stricter aesthetic threshold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.tracking import GeneralTracker
+from diffusers import DDPMScheduler
+
+from easyanimate.config import Settings, resolve_weight_path
+from easyanimate.data.datasets import ClipFrames, load_clip_frames, to_model_range
+from easyanimate.models.dit import EasyAnimateTransformer3DModel
+from easyanimate.models.text_encoder import encode_prompts, load_text_encoder
+from easyanimate.models.vae import SliceVAE
+from easyanimate.training.common import TrainResult, make_accelerator, step_generator, train_loop
+from easyanimate.utils import atomic_directory
+
+
+def build_transformer(settings: Settings, latent_channels: int, text_embed_dim: int) -> EasyAnimateTransformer3DModel:
+    m = settings.dit.model
+    return EasyAnimateTransformer3DModel(
+        in_channels=latent_channels,
+        patch_size=m.patch_size,
+        hidden_size=m.hidden_size,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        text_embed_dim=text_embed_dim,
+        motion_module=m.motion_module,
+        max_frames_latent=m.max_frames_latent,
+        grid_reshape=m.grid_reshape,
+        long_skips=m.long_skips,
+        base_latent_size=m.base_resolution // 8,
+    )
+
+
+def make_train_scheduler(settings: Settings) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=settings.dit.num_train_timesteps,
+        beta_schedule=settings.dit.beta_schedule,
+        prediction_type="epsilon",
+    )
+
+
+@dataclass
+class TextBank:
+    """Text-encoder states for every distinct caption, computed once; index 0 is the empty caption."""
+
+    captions: list[str]
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def build(cls, settings: Settings, captions: Sequence[str]) -> "TextBank":
+        tokenizer, encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
+        unique = [""] + sorted({c for c in captions if c})
+        hidden, mask = encode_prompts(tokenizer, encoder, unique, settings.dit.model.max_text_tokens)
+        return cls(unique, hidden, mask)
+
+    def index(self, caption: str) -> int:
+        return self.captions.index(caption)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.hidden.shape[-1])
+
+
+@dataclass
+class LatentBank:
+    """VAE latents (already scaled) of training windows, each with its caption index."""
+
+    latents: list[torch.Tensor]  # each (C, T, h, w)
+    caption_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+
+@torch.no_grad()
+def encode_windows(
+    vae: SliceVAE, clips: Sequence[ClipFrames], num_frames: int, text: TextBank, seed: int, batch: int = 8
+) -> LatentBank:
+    """Encode every non-overlapping ``num_frames`` window of every clip once (images: every frame)."""
+    windows, caption_ids = [], []
+    for clip in clips:
+        for start in range(0, clip.frames.shape[0] - num_frames + 1, num_frames):
+            windows.append(clip.frames[start : start + num_frames])
+            caption_ids.append(text.index(clip.caption))
+    latents = []
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(0, len(windows), batch):
+        x = to_model_range(torch.stack(windows[i : i + batch]))
+        z = vae.encode(x).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        latents.extend(z.unbind(0))
+    return LatentBank(latents, caption_ids)
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE at random (or given) timesteps with noise from ``generator``."""
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = model(noisy, timesteps, hidden, encoder_attention_mask=mask).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def train_dit(
+    settings: Settings,
+    stage: int,
+    curated_dir: Path,
+    vae_dir: Path,
+    out_dir: Path,
+    ckpt_dir: Path,
+    init_dir: Path | None = None,
+    trackers: Sequence[GeneralTracker] | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    if stage not in (1, 2, 3):
+        raise ValueError(f"DiT stage must be 1, 2 or 3, got {stage}")
+    cfg = {1: settings.dit.stage1, 2: settings.dit.stage2, 3: settings.dit.stage3}[stage]
+    name = f"dit_stage{stage}"
+    torch.manual_seed(cfg.seed)
+    vae = SliceVAE.from_pretrained(vae_dir).eval().requires_grad_(False)
+    SliceVAE.check_num_frames(cfg.num_frames)
+    min_aesthetic = settings.dit.stage3.min_aesthetic if stage == 3 else None
+    clips = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps, min_aesthetic=min_aesthetic)
+    if not clips:
+        raise ValueError(f"{name}: no training clips (min_aesthetic={min_aesthetic}); relax dit.stage3.min_aesthetic")
+    text = TextBank.build(settings, [c.caption for c in clips])
+    images = encode_windows(vae, clips, 1, text, cfg.seed)
+    videos = encode_windows(vae, clips, cfg.num_frames, text, cfg.seed) if cfg.num_frames > 1 else images
+    if cfg.image_ratio < 1 and len(videos) == 0:
+        raise ValueError(f"{name}: no clip is long enough for {cfg.num_frames} frames at {cfg.sample_fps} fps")
+
+    if init_dir is None:
+        if stage != 1:
+            raise ValueError(f"{name} starts from the previous stage: pass init_dir")
+        model = build_transformer(settings, vae.config.latent_channels, text.embed_dim)
+    else:
+        model = EasyAnimateTransformer3DModel.from_pretrained(init_dir)
+    if stage == 2:
+        model.requires_grad_(False)
+        for param in model.motion_parameters():
+            param.requires_grad_(True)
+    trainable = list(model.parameters())
+    scheduler = make_train_scheduler(settings)
+    accelerator = make_accelerator(settings.dit.mixed_precision, trackers)
+
+    def compute_loss(dit: torch.nn.Module, step: int) -> torch.Tensor:
+        rng = np.random.default_rng([cfg.seed, step])
+        bank = images if (cfg.num_frames == 1 or rng.random() < cfg.image_ratio) else videos
+        picks = rng.integers(len(bank), size=cfg.batch_size)
+        latents = torch.stack([bank.latents[i] for i in picks]).to(accelerator.device)
+        # Dropping captions teaches the unconditional branch classifier-free guidance needs.
+        ids = [0 if rng.random() < settings.dit.caption_dropout else bank.caption_ids[i] for i in picks]
+        hidden, mask = text.hidden[ids].to(accelerator.device), text.mask[ids].to(accelerator.device)
+        return diffusion_loss(dit, scheduler, latents, hidden, mask, step_generator(cfg.seed, step))
+
+    result = train_loop(
+        accelerator=accelerator,
+        model=model,
+        trainable=trainable,
+        cfg=cfg,
+        compute_loss=compute_loss,
+        ckpt_dir=ckpt_dir,
+        name=name,
+        tracker_config=cfg.model_dump(mode="json"),
+        show_progress=show_progress,
+    )
+    with atomic_directory(out_dir) as tmp:
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+    return result

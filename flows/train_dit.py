@@ -1,0 +1,13 @@
+"""Video DiT training flow: stage 1 (images), 2 (motion module), 3 (full fine-tune on the best clips)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import run_training_stage, settings_from
+
+
+@flow(name="train-dit", log_prints=True)
+def train_dit_flow(stage: int = 1, params_path: str | None = None, parent_run_id: str | None = None,
+                   upstream_run_id: str | None = None) -> dict:
+    return run_training_stage(f"dit_stage{stage}", settings_from(params_path), parent_run_id, upstream_run_id)
