@@ -323,11 +323,15 @@ def _format_validation(exc: ValidationError, source: str) -> str:
 def load_settings(path: str | Path | None = None, preset: str | None = None, overrides: dict | None = None) -> Settings:
     """Load ``params.yaml`` (or ``$EASYANIMATE_PARAMS``) on top of its preset.
 
-    ``preset`` replaces the preset named in the file; ``overrides`` are merged last (for tests and CLI flags).
+    ``preset`` replaces the preset named in the file (whose overrides then no longer apply);
+    ``overrides`` are merged last (for tests and CLI flags).
     """
     path = Path(path or os.environ.get(PARAMS_ENV, "params.yaml"))
     params = _read_yaml(path) if path.exists() else {}
     name = preset or params.get("preset", "tiny")
+    if preset and params.get("preset", "tiny") != preset:
+        # The file's overrides were written for the preset it names, not for this one.
+        params = {}
     preset_file = PRESETS_DIR / f"{name}.yaml"
     if not preset_file.exists():
         raise ConfigError(f"preset: unknown preset {name!r}; choose one of {available_presets()}")

@@ -142,6 +142,9 @@ def test_lora_scale_fuse_unload_save_load(text_encoder, tmp_path):
         return _run(pipe, latents=latents, output_type="latent")
 
     base = run()
+    pipe.transformer.add_adapter(LoraConfig(r=4, target_modules=LORA_TARGETS, init_lora_weights=False), "tmp")
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(run(), base)  # unloading an unfused adapter restores the base exactly
     torch.manual_seed(11)
     # init_lora_weights=False: random non-zero B so the adapter really changes the output.
     pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
@@ -164,14 +167,15 @@ def test_lora_scale_fuse_unload_save_load(text_encoder, tmp_path):
 
     pipe.unload_lora_weights()
     assert not any("lora_" in n for n, _ in pipe.transformer.named_parameters())
-    torch.testing.assert_close(run(), base)
+    # fuse+unfuse leaves float round-off (W + BA - BA) in the base weights, hence the tolerance.
+    torch.testing.assert_close(run(), base, atol=1e-3, rtol=1e-3)
 
     pipe.load_lora_weights(tmp_path / "lora")  # folder
-    torch.testing.assert_close(run(), with_lora, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(), with_lora, atol=1e-3, rtol=1e-3)
     pipe.unload_lora_weights()
     pipe.load_lora_weights(tmp_path / "single.safetensors", adapter_name="style", scale=0.0)  # file
-    torch.testing.assert_close(run(), base)
+    torch.testing.assert_close(run(), base, atol=1e-3, rtol=1e-3)
     pipe.set_lora_scale(1.0, "style")
-    torch.testing.assert_close(run(), with_lora, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(), with_lora, atol=1e-3, rtol=1e-3)
     with pytest.raises(FileNotFoundError):
         pipe.load_lora_weights(tmp_path / "missing")
