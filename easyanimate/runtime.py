@@ -40,3 +40,5 @@ def configure_environment() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    # Prefect opens its sqlite database inside PREFECT_HOME and fails if the folder is missing.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import mlflow
-from prefect import flow, task
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from easyanimate.config import CurateConfig, Settings
@@ -48,7 +48,7 @@ def curate_video_task(video: Path, settings: Settings) -> list[dict]:
 
 @flow(name="curate-videos")
 def curate_videos_flow(videos: list[Path], settings: Settings) -> list[dict]:
-    futures = curate_video_task.map(videos, settings=settings)
+    futures = curate_video_task.map(videos, settings=unmapped(settings))
     return [record for future in futures for record in future.result()]
 
 

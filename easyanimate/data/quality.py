@@ -88,8 +88,12 @@ def _describe(er) -> str | None:
     return f"{cfg.type}({col}{', ' + str(bounds) if bounds else ''}) failed for clip_id {ids}"
 
 
-def run_quality_gate(df: pd.DataFrame, settings: Settings, out_dir: str | Path) -> GateResult:
+def run_quality_gate(
+    df: pd.DataFrame, settings: Settings, out_dir: str | Path, clips_dir: str | Path | None = None
+) -> GateResult:
+    """Validate accepted rows; ``clip_path`` is resolved under ``clips_dir`` (default: ``out_dir``)."""
     out_dir = Path(out_dir)
+    clips_root = Path(clips_dir) if clips_dir is not None else out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     acc = df[df["status"] == "accepted"].copy()
     if acc.empty:
@@ -99,7 +103,7 @@ def run_quality_gate(df: pd.DataFrame, settings: Settings, out_dir: str | Path) 
     # GX validates columns, so compute derived checks first; plain Python types keep GX's pandas
     # backend away from nullable extension dtypes.
     acc["pixels"] = acc["width"].astype("float64") * acc["height"].astype("float64")
-    acc["file_ok"] = [_file_ok(out_dir, p) for p in acc["clip_path"]]
+    acc["file_ok"] = [_file_ok(clips_root, p) for p in acc["clip_path"]]
     for col in ("clip_id", "caption", "split"):
         acc[col] = acc[col].astype(object).where(acc[col].notna(), None)
     for col in ("width", "height"):

@@ -9,12 +9,17 @@ a single odd frame.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from easyanimate.config import CaptionConfig, resolve_weight_path
+
+
+_CACHE: dict[tuple[str, str], "VLMCaptioner"] = {}
+_LOCK = threading.Lock()
 
 
 class VLMCaptioner:
@@ -33,8 +38,13 @@ class VLMCaptioner:
 
     @classmethod
     def from_settings(cls, settings) -> "VLMCaptioner":
+        """One model per (folder, caption settings) per process: curate_video may be called per video."""
         path = resolve_weight_path(settings.weights.captioner, "weights.captioner")
-        return cls(path, settings.curate.caption)
+        key = (str(path), settings.curate.caption.model_dump_json())
+        with _LOCK:
+            if key not in _CACHE:
+                _CACHE[key] = cls(path, settings.curate.caption)
+            return _CACHE[key]
 
     def _inputs(self, images: list[np.ndarray]):
         if self._chat:
