@@ -63,3 +63,49 @@ def test_library_never_imports_prefect():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_dit_latent_cache_skips_decode_and_encode(tmp_path, monkeypatch):
+    """Latents are computed once per (VAE, manifest, sampling); a second stage reads them back."""
+    import shutil
+
+    import torch
+
+    from easyanimate.data.curate import curate_video
+    from easyanimate.data.manifest import write_manifest
+    from easyanimate.data.curate import build_manifest
+    from easyanimate.models.vae import SliceVAE
+    from easyanimate.training import dit as dit_training
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(REPO / "data" / "samples" / "bigbuckbunny.mp4", raw / "bigbuckbunny.mp4")
+    settings = load_settings(REPO / "params.yaml", overrides={"paths": {
+        "raw_videos": str(raw), "captions": str(REPO / "data" / "samples" / "captions.yaml"),
+        "curated": str(tmp_path / "curated"), "cache": str(tmp_path / "cache")},
+        "curate": {"text": {"enabled": False}}})  # OCR is not what this test is about
+    df = build_manifest(curate_video(raw / "bigbuckbunny.mp4", settings, settings.paths.curated), settings)
+    df.loc[df["status"] == "accepted", "split"] = "train"
+    write_manifest(df, settings.paths.curated / "manifest.parquet")
+    vae_dir = tmp_path / "vae"
+    SliceVAE(block_out_channels=(8, 8, 8, 8), norm_groups=4).save_pretrained(vae_dir)
+
+    vae = SliceVAE.from_pretrained(vae_dir)
+    clips = dit_training.load_clip_frames(settings.paths.curated, "train", 32, 4.0)
+    text = dit_training.TextBank.build(settings, [c.caption for c in clips])
+    cache = dit_training.LatentCache(tmp_path / "cache", vae_dir, settings.paths.curated, ("train", 32, 4.0, None), 0)
+    assert not cache.has({1, 8})
+    first = cache.windows(vae, clips, 8, text)
+    cache.windows(vae, clips, 1, text)
+    assert cache.has({1, 8}) and cache.captions() == [c.caption for c in clips]
+
+    monkeypatch.setattr(dit_training, "encode_windows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    again = dit_training.LatentCache(tmp_path / "cache", vae_dir, settings.paths.curated, ("train", 32, 4.0, None), 0)
+    second = again.windows(vae, None, 8, text)
+    assert len(second) == len(first) > 0
+    assert all(torch.equal(a, b) for a, b in zip(first.latents, second.latents))
+    assert second.caption_ids == first.caption_ids
+    # A different VAE is a different cache entry.
+    SliceVAE(block_out_channels=(8, 8, 8, 8), norm_groups=4).save_pretrained(tmp_path / "vae2")
+    assert not dit_training.LatentCache(tmp_path / "cache", tmp_path / "vae2", settings.paths.curated,
+                                        ("train", 32, 4.0, None), 0).has({8})

@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from accelerate.tracking import GeneralTracker
 from diffusers import DDPMScheduler
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from easyanimate.config import Settings, resolve_weight_path
 from easyanimate.data.datasets import ClipFrames, load_clip_frames, to_model_range
@@ -23,7 +28,7 @@ from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.text_encoder import encode_prompts, load_text_encoder
 from easyanimate.models.vae import SliceVAE
 from easyanimate.training.common import TrainResult, make_accelerator, step_generator, train_loop
-from easyanimate.utils import atomic_directory
+from easyanimate.utils import atomic_directory, atomic_write_json, hash_path
 
 
 def build_transformer(settings: Settings, latent_channels: int, text_embed_dim: int) -> EasyAnimateTransformer3DModel:
@@ -105,6 +110,46 @@ def encode_windows(
     return LatentBank(latents, caption_ids)
 
 
+class LatentCache:
+    """On-disk VAE latents of the training windows, keyed by the VAE weights, the curated manifest
+    and the sampling settings: later stages and reruns skip both the video decode and the encode."""
+
+    def __init__(self, root: Path, vae_dir: Path, curated_dir: Path, sampling: tuple, seed: int):
+        self.seed = seed
+        digest = hashlib.sha256()
+        digest.update(hash_path(Path(vae_dir) / "diffusion_pytorch_model.safetensors").encode())
+        digest.update(hash_path(Path(curated_dir) / "manifest.parquet").encode())
+        digest.update(json.dumps([sampling, seed], default=str).encode())
+        self.dir = Path(root) / digest.hexdigest()[:20]
+
+    def has(self, frame_counts: set[int]) -> bool:
+        return (self.dir / "clips.json").exists() and all(
+            (self.dir / f"windows-{n}.safetensors").exists() for n in frame_counts)
+
+    def captions(self) -> list[str]:
+        """Captions of the cached clips, one per clip."""
+        return json.loads((self.dir / "clips.json").read_text())["captions"]
+
+    def windows(self, vae: SliceVAE, clips: Sequence[ClipFrames] | None, num_frames: int, text: TextBank) -> LatentBank:
+        path = self.dir / f"windows-{num_frames}.safetensors"
+        if path.exists():
+            with safe_open(str(path), framework="pt") as handle:
+                captions = json.loads(handle.metadata()["captions"])
+                latents = handle.get_tensor("latents")
+            return LatentBank(list(latents.unbind(0)), [text.index(c) for c in captions])
+        if clips is None:
+            raise FileNotFoundError(f"latent cache {self.dir} lacks {path.name} and no clips were decoded")
+        bank = encode_windows(vae, clips, num_frames, text, self.seed)
+        if len(bank):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"latents": torch.stack(bank.latents).contiguous()}, str(tmp),
+                      metadata={"captions": json.dumps([text.captions[i] for i in bank.caption_ids])})
+            os.replace(tmp, path)
+            atomic_write_json(self.dir / "clips.json", {"captions": [c.caption for c in clips]})
+        return bank
+
+
 def diffusion_loss(
     model: torch.nn.Module,
     scheduler: DDPMScheduler,
@@ -143,12 +188,19 @@ def train_dit(
     vae = SliceVAE.from_pretrained(vae_dir).eval().requires_grad_(False)
     SliceVAE.check_num_frames(cfg.num_frames)
     min_aesthetic = settings.dit.stage3.min_aesthetic if stage == 3 else None
-    clips = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps, min_aesthetic=min_aesthetic)
-    if not clips:
+    cache = LatentCache(settings.paths.cache / "latents", vae_dir, curated_dir,
+                        ("train", cfg.resolution, cfg.sample_fps, min_aesthetic), cfg.seed)
+    clips = None
+    if cache.has({1, cfg.num_frames}):
+        captions = cache.captions()
+    else:
+        clips = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps, min_aesthetic=min_aesthetic)
+        captions = [c.caption for c in clips]
+    if not captions:
         raise ValueError(f"{name}: no training clips (min_aesthetic={min_aesthetic}); relax dit.stage3.min_aesthetic")
-    text = TextBank.build(settings, [c.caption for c in clips])
-    images = encode_windows(vae, clips, 1, text, cfg.seed)
-    videos = encode_windows(vae, clips, cfg.num_frames, text, cfg.seed) if cfg.num_frames > 1 else images
+    text = TextBank.build(settings, captions)
+    images = cache.windows(vae, clips, 1, text)
+    videos = cache.windows(vae, clips, cfg.num_frames, text) if cfg.num_frames > 1 else images
     if cfg.image_ratio < 1 and len(videos) == 0:
         raise ValueError(f"{name}: no clip is long enough for {cfg.num_frames} frames at {cfg.sample_fps} fps")
 
