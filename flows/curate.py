@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from easyanimate.config import CurateConfig, Settings
 from flows.common import _retry_on_io, settings_from, stage_run, stage_summary_artifact
@@ -65,6 +65,69 @@ def summarise(df) -> dict:
     return metrics
 
 
+SCORE_COLUMNS = ("aesthetic", "motion", "text_area")
+HISTOGRAM_BINS = 10  # equal-width bins between each score's observed min and max
+
+
+def reject_reason_table(df) -> list[dict]:
+    rows = df[df["status"] != "accepted"]
+    counts = Counter(zip(rows["status"], rows["reject_reason"].fillna("unknown")))
+    return [{"status": s, "reject_reason": r, "clips": n} for (s, r), n in sorted(counts.items())]
+
+
+def score_histograms(df) -> list[dict]:
+    """Counts per bin of every computed score (all scored clips, accepted or not), one row per bin."""
+    import numpy as np
+
+    rows = []
+    for column in SCORE_COLUMNS:
+        values = df[column].dropna().to_numpy(dtype=float)
+        if not len(values):
+            continue
+        counts, edges = np.histogram(values, bins=HISTOGRAM_BINS)
+        rows += [{"score": column, "bin_low": round(float(lo), 6), "bin_high": round(float(hi), 6), "clips": int(n)}
+                 for lo, hi, n in zip(edges[:-1], edges[1:], counts)]
+    return rows
+
+
+def log_summary(df, out_dir: Path) -> None:
+    """Reject reasons and score histograms: Prefect table artifacts, MLflow CSV artifacts + metrics."""
+    import pandas as pd
+
+    reasons, hist = reject_reason_table(df), score_histograms(df)
+    create_table_artifact(key="curate-reject-reasons", table=reasons or [{"status": "-", "reject_reason": "-", "clips": 0}],
+                          description="clips per reject/quarantine reason")
+    if hist:
+        create_table_artifact(key="curate-score-histograms", table=hist,
+                              description=f"{HISTOGRAM_BINS}-bin histograms of aesthetic, motion and text_area")
+    summary_dir = out_dir / "summary"
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(reasons, columns=["status", "reject_reason", "clips"]).to_csv(summary_dir / "reject_reasons.csv", index=False)
+    pd.DataFrame(hist, columns=["score", "bin_low", "bin_high", "clips"]).to_csv(summary_dir / "score_histograms.csv", index=False)
+    mlflow.log_artifacts(str(summary_dir), artifact_path="curate/summary")
+    for column in SCORE_COLUMNS:
+        # The histogram as an MLflow metric series: step = bin index, value = clips in the bin.
+        for step, row in enumerate(r for r in hist if r["score"] == column):
+            mlflow.log_metric(f"curate.hist.{column}", row["clips"], step=step)
+
+
+def publish_gate_report(gate, run) -> None:
+    """The Data Docs HTML as a Prefect artifact too: a link to the file and the MLflow copy."""
+    index = Path(gate.report_dir) / "index.html" if gate.report_dir else None
+    if index is None or not index.exists():
+        return
+    create_link_artifact(key="curate-gate-report", link=index.resolve().as_uri(),
+                         link_text="great_expectations Data Docs", description="curation quality gate report")
+    status = "passed" if gate.success else "FAILED"
+    create_markdown_artifact(
+        key="curate-gate-report-summary",
+        markdown=(f"## Curation quality gate {status}\n\nData Docs: `{index.resolve()}`\n\n"
+                  f"MLflow run `{run.info.run_id}`, artifact `curate/gate_report/index.html`\n\n"
+                  + "\n".join(f"- {f}" for f in gate.failures)),
+        description="where the Data Docs report lives",
+    )
+
+
 @flow(name="curate", log_prints=True)
 def curate_flow(params_path: str | None = None, input_dir: str | None = None, output_dir: str | None = None,
                 preset: str | None = None, parent_run_id: str | None = None) -> dict:
@@ -97,6 +160,8 @@ def curate_flow(params_path: str | None = None, input_dir: str | None = None, ou
             mlflow.log_artifact(str(out_dir / "gate.json"), artifact_path="curate")
         if gate.report_dir and Path(gate.report_dir).exists():
             mlflow.log_artifacts(str(gate.report_dir), artifact_path="curate/gate_report")
+        log_summary(df, out_dir)
+        publish_gate_report(gate, run)
         if output_dir is None:
             write_reports(settings, "curate", metrics)
 

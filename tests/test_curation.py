@@ -247,6 +247,7 @@ def test_rerun_reuses_records(curated, dataset_dir, monkeypatch):
         raise AssertionError("rerun must not decode or detect scenes")
 
     monkeypatch.setattr(curate_mod, "detect_scenes", boom)
+    monkeypatch.setattr(curate_mod, "scan_video", boom)
     monkeypatch.setattr(curate_mod, "decode_frames", boom)
     monkeypatch.setattr(curate_mod, "probe", boom)
     again = curate_dataset(dataset_dir, out, settings, progress=False)

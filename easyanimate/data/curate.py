@@ -1,8 +1,9 @@
 """Per-video curation (the unit the Prefect flow maps over) and a sequential convenience loop.
 
-Pipeline per video: hash + probe -> probe checks -> scene split -> clip plan -> for each candidate
-clip ONE decode of only the frames its filters need -> filters cheapest first (technical aesthetic,
-motion, OCR text, caption), stopping at the first failure -> cut accepted clips.
+Pipeline per video: hash + probe -> probe checks -> ONE decode pass that feeds the scene detector
+and, as each clip plan becomes final, hands that clip the few small frames its filters need ->
+filters cheapest first (technical aesthetic, motion, OCR text), stopping at the first failure ->
+captions for the survivors, batched across clips -> cut accepted clips.
 
 Bad input never raises: it becomes one ``quarantined`` record with the ``VideoError.reason``.
 Each finished video is stored as ``records/<source-hash>-<settings-hash>.json`` (atomic), so a rerun
@@ -16,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +25,15 @@ import pandas as pd
 
 from easyanimate.config import Settings
 from easyanimate.data import manifest as mf
+from easyanimate.data.captioners import CaptionRequest
 from easyanimate.data.filters import FilterResult
 from easyanimate.data.filters.motion import motion_filter
 from easyanimate.data.filters.technical import technical_aesthetic
-from easyanimate.data.scenes import ClipPlan, detect_scenes, plan_clips
+from easyanimate.data.scenes import ClipPlan, detect_scenes, plan_clips, scan_video  # noqa: F401
 from easyanimate.data.video_io import VideoError, VideoInfo, cut_clip, decode_frames, probe
 
 log = logging.getLogger(__name__)
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: scenes come from the single decode pass
 # Filters run at this long side at most (technical scores at 512 px, OCR at text.max_side).
 _ANALYSIS_MIN_SIDE = 512
 
@@ -43,8 +46,10 @@ def record_path(out_dir: Path, source_hash: str, settings: Settings) -> Path:
     return Path(out_dir) / "records" / f"{source_hash[:16]}-{settings_hash(settings)}.json"
 
 
-def _captioner_fingerprint(captioner) -> str | None:
-    return getattr(captioner, "fingerprint", None)
+def _captioner_fingerprint(captioner, source: str) -> str | None:
+    # Per video when the captioner can tell: captioning a newly added video must not redo all the others.
+    per_source = getattr(captioner, "fingerprint_for", None)
+    return per_source(source) if per_source is not None else getattr(captioner, "fingerprint", None)
 
 
 def _base(source: str, source_hash: str, start: float, end: float, info: VideoInfo | None) -> dict:
@@ -92,47 +97,100 @@ def _aesthetic(frames: np.ndarray, settings: Settings) -> FilterResult:
     return technical_aesthetic(frames, cfg)
 
 
-def _evaluate_clip(video_path: Path, plan: ClipPlan, info: VideoInfo, settings: Settings, captioner, rec: dict) -> None:
-    """Fill scores into ``rec`` and set its status; the single decode feeds every filter."""
+@dataclass(frozen=True)
+class ClipSamples:
+    """The sample times every filter of one clip needs, decoded together and split back apart."""
+
+    aesthetic: list[float]
+    middle: list[float]
+    motion: list[float]
+    caption: list[float]
+
+    @classmethod
+    def for_plan(cls, plan: ClipPlan, info: VideoInfo, settings: Settings) -> "ClipSamples":
+        c = settings.curate
+        motion = [float(t) for t in np.arange(plan.start_s, plan.end_s, 1.0 / c.motion.sample_fps)]
+        if len(motion) < 2:
+            motion = [plan.start_s, plan.end_s - 1.0 / max(info.fps, 1.0)]
+        caption = _uniform(plan.start_s, plan.end_s, c.caption.num_frames) if c.caption.captioner == "vlm" else []
+        return cls(_uniform(plan.start_s, plan.end_s, c.aesthetic.num_frames), [(plan.start_s + plan.end_s) / 2],
+                   motion, caption)
+
+    def times(self) -> list[float]:
+        return self.aesthetic + self.middle + self.motion + self.caption
+
+    def split(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        out, i = {}, 0
+        for name in ("aesthetic", "middle", "motion", "caption"):
+            n = len(getattr(self, name))
+            out[name], i = frames[i : i + n], i + n
+        if not len(out["caption"]):
+            out["caption"] = out["aesthetic"]
+        return out
+
+
+def _filter_clip(frames: dict[str, np.ndarray], settings: Settings, rec: dict) -> bool:
+    """Fill scores into ``rec``, cheapest filter first; False (and the reason) at the first failure."""
     c = settings.curate
-    a_times = _uniform(plan.start_s, plan.end_s, c.aesthetic.num_frames)
-    mid = [(plan.start_s + plan.end_s) / 2]
-    m_times = list(np.arange(plan.start_s, plan.end_s, 1.0 / c.motion.sample_fps))
-    if len(m_times) < 2:
-        m_times = [plan.start_s, plan.end_s - 1.0 / max(info.fps, 1.0)]
-    cap_times = _uniform(plan.start_s, plan.end_s, c.caption.num_frames) if c.caption.captioner == "vlm" else []
-    frames = decode_frames(video_path, times=a_times + mid + m_times + cap_times, size=_analysis_size(info, settings))
-    i = 0
-    a_frames, i = frames[i : i + len(a_times)], i + len(a_times)
-    mid_frame, i = frames[i], i + 1
-    m_frames, i = frames[i : i + len(m_times)], i + len(m_times)
-    cap_frames = frames[i:] if cap_times else a_frames
 
-    def reject(reason: str) -> None:
+    def reject(reason: str) -> bool:
         rec["status"], rec["reject_reason"] = "rejected", reason
+        return False
 
-    res = _aesthetic(a_frames, settings)
+    res = _aesthetic(frames["aesthetic"], settings)
     rec["aesthetic"] = res.score
     if not res.passed:
         return reject(res.reason)
-    res = motion_filter(m_frames, c.motion)
+    res = motion_filter(frames["motion"], c.motion)
     rec["motion"] = res.score
     if not res.passed:
         return reject(res.reason)
     if c.text.enabled:
         from easyanimate.data.filters.text import text_filter  # imports torch/easyocr only when used
 
-        res = text_filter(mid_frame, c.text, settings.weights)
+        res = text_filter(frames["middle"][0], c.text, settings.weights)
         rec["text_area"] = res.score
         if not res.passed:
             return reject(res.reason)
-    caption = (captioner(rec["source"], plan.start_s, plan.end_s, cap_frames) or "").strip()
-    rec["caption"] = caption
-    if not caption:
-        return reject("no_caption")
+    return True
 
 
-def _curate_uncached(video_path: Path, source_hash: str, settings: Settings, out_dir: Path, captioner) -> list[dict]:
+def caption_clips(captioner, items: list[CaptionRequest]) -> list[str]:
+    """Captions for several clips at once: batched when the captioner can, else one call per clip."""
+    batched = getattr(captioner, "caption_clips", None)
+    if batched is not None:
+        return list(batched(items))
+    return [captioner(it.source, it.start_s, it.end_s, it.frames) for it in items]
+
+
+class _CaptionQueue:
+    """Survivors wait here so the captioner sees full batches of frames across clips; flushing as
+    soon as a batch fills keeps memory at one batch, not one video."""
+
+    def __init__(self, captioner, settings: Settings):
+        self.captioner, self.pending = captioner, []
+        c = settings.curate.caption
+        frames_per_clip = c.num_frames if c.captioner == "vlm" else 1
+        self.clips_per_flush = max(1, -(-c.batch_size // frames_per_clip))
+
+    def add(self, rec: dict, frames: np.ndarray) -> None:
+        self.pending.append((rec, CaptionRequest(rec["source"], rec["start_s"], rec["end_s"], frames)))
+        if len(self.pending) >= self.clips_per_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        captions = caption_clips(self.captioner, [req for _, req in self.pending])
+        for (rec, _), caption in zip(self.pending, captions):
+            rec["caption"] = (caption or "").strip()
+            if not rec["caption"]:
+                rec["status"], rec["reject_reason"] = "rejected", "no_caption"
+        self.pending = []
+
+
+def analyse_video(video_path: Path, source_hash: str, settings: Settings, captioner) -> list[dict]:
+    """Scores, decisions and captions for every clip of one video, from one decode pass; no encoding."""
     name = video_path.name
     try:
         info = probe(video_path)
@@ -144,30 +202,59 @@ def _curate_uncached(video_path: Path, source_hash: str, settings: Settings, out
         rec = _base(name, source_hash, 0.0, round(info.duration_s, 3), info)
         rec.update(status="rejected", reject_reason=reason)
         return [rec]
+    size = _analysis_size(info, settings)
+    queue = _CaptionQueue(captioner, settings)
+    evaluated: dict[tuple[float, float], dict] = {}
+
+    def evaluate(plan: ClipPlan, frames: np.ndarray) -> None:
+        rec = _base(name, source_hash, plan.start_s, plan.end_s, info)
+        split = ClipSamples.for_plan(plan, info, settings).split(frames)
+        if _filter_clip(split, settings, rec):
+            queue.add(rec, split["caption"])
+        evaluated[(plan.start_s, plan.end_s)] = rec
+
     try:
-        scenes = detect_scenes(video_path, settings.curate.scenes)
-    except Exception as exc:  # scenedetect/OpenCV could not read what PyAV could
-        log.warning("scene detection failed on %s: %s", name, exc)
+        scenes, _ = scan_video(video_path, info, settings.curate.scenes, size,
+                               times_for=lambda plan: ClipSamples.for_plan(plan, info, settings).times(),
+                               on_clip=evaluate)
+    except VideoError as exc:
         rec = _base(name, source_hash, 0.0, round(info.duration_s, 3), info)
-        rec.update(status="quarantined", reject_reason="scene_detect_failed")
+        rec.update(status="quarantined", reject_reason=exc.reason)
         return [rec]
     records = []
     for plan in plan_clips(scenes, settings.curate.scenes):
-        rec = _base(name, source_hash, plan.start_s, plan.end_s, info)
-        if not plan.ok:
-            rec.update(status="rejected", reject_reason=plan.reject_reason)
-            records.append(rec)
+        rec = evaluated.get((plan.start_s, plan.end_s))
+        if rec is None:
+            rec = _base(name, source_hash, plan.start_s, plan.end_s, info)
+            if not plan.ok:
+                rec.update(status="rejected", reject_reason=plan.reject_reason)
+            else:
+                # A cut arrived later than the detector's look-behind and changed this plan after
+                # the pass moved on: decode just this clip's frames (never happens in practice).
+                try:
+                    samples = ClipSamples.for_plan(plan, info, settings)
+                    split = samples.split(decode_frames(video_path, times=samples.times(), size=size))
+                    if _filter_clip(split, settings, rec):
+                        queue.add(rec, split["caption"])
+                except VideoError as exc:
+                    rec.update(status="quarantined", reject_reason=exc.reason)
+        records.append(rec)
+    queue.flush()
+    return records
+
+
+def _curate_uncached(video_path: Path, source_hash: str, settings: Settings, out_dir: Path, captioner) -> list[dict]:
+    records = analyse_video(video_path, source_hash, settings, captioner)
+    for rec in records:
+        if rec["status"] != "accepted":
             continue
+        rel = f"clips/{rec['clip_id']}.mp4"
         try:
-            _evaluate_clip(video_path, plan, info, settings, captioner, rec)
-            if rec["status"] == "accepted":
-                rel = f"clips/{rec['clip_id']}.mp4"
-                cut_clip(video_path, out_dir / rel, plan.start_s, plan.end_s, settings.curate.encode)
-                rec["clip_path"] = rel
+            cut_clip(video_path, out_dir / rel, rec["start_s"], rec["end_s"], settings.curate.encode)
+            rec["clip_path"] = rel
         except VideoError as exc:
             # Damage inside the file (e.g. a corrupt GOP): lose this clip, keep the rest of the video.
             rec.update(status="quarantined", reject_reason=exc.reason, clip_path=None)
-        records.append(rec)
     return records
 
 
@@ -209,7 +296,7 @@ def curate_video(video_path: str | Path, settings: Settings, out_dir: str | Path
         log.warning("cannot read %s: %s", video_path, exc)
         return [rec]
     rpath = record_path(out_dir, source_hash, settings)
-    fingerprint = _captioner_fingerprint(captioner)
+    fingerprint = _captioner_fingerprint(captioner, video_path.name)
     cached = _load_cached(rpath, out_dir, fingerprint)
     if cached is not None:
         # Same bytes under a new name still reuse the work; report the current name.

@@ -91,10 +91,11 @@ def probe(path: str | Path) -> VideoInfo:
         container.close()
 
 
-def _resize(img: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+def resize_rgb(img: np.ndarray, size: tuple[int, int] | None, interpolation: int = cv2.INTER_AREA) -> np.ndarray:
+    """Resize to ``size=(w, h)``; ``None`` or the same size returns ``img`` unchanged."""
     if size is None or (img.shape[1], img.shape[0]) == tuple(size):
         return img
-    return cv2.resize(img, tuple(size), interpolation=cv2.INTER_AREA)
+    return cv2.resize(img, tuple(size), interpolation=interpolation)
 
 
 def decode_frames(
@@ -150,7 +151,7 @@ def decode_frames(
                     continue
                 if end_s is not None and t >= end_s - 1e-6:
                     break
-                frames.append(_resize(frame.to_ndarray(format="rgb24"), size))
+                frames.append(resize_rgb(frame.to_ndarray(format="rgb24"), size))
                 stamps.append(t)
         except av.error.FFmpegError as exc:
             # Truncated tails: keep what decoded, fail only when nothing did.
@@ -167,7 +168,7 @@ def decode_frames(
             converted: dict[int, np.ndarray] = {}
             for _, fr in best.values():
                 if id(fr) not in converted:
-                    converted[id(fr)] = _resize(fr.to_ndarray(format="rgb24"), size)
+                    converted[id(fr)] = resize_rgb(fr.to_ndarray(format="rgb24"), size)
             order = np.argsort(np.asarray(times, dtype=float), kind="stable")
             out = [None] * len(want)
             for rank, orig in enumerate(order):

@@ -48,6 +48,14 @@ class SidecarCaptioner:
             ))
         return cls(entries, fingerprint="sidecar:" + hashlib.sha256(text.encode()).hexdigest()[:16])
 
+    def fingerprint_for(self, source: str) -> str:
+        """Hash of the entries that caption ``source``; the file name is left out so a renamed copy still matches."""
+        mine = sorted((e.start, e.end, e.caption) for e in self.entries if e.file == source)
+        return "sidecar:" + hashlib.sha256(repr(mine).encode()).hexdigest()[:16]
+
+    def caption_clips(self, requests) -> list[str]:
+        return [self(r.source, r.start_s, r.end_s) for r in requests]
+
     def __call__(self, source: str, start_s: float, end_s: float, frames: np.ndarray | None = None) -> str:
         best, best_overlap = "", 0.0
         for e in self.entries:

@@ -2,9 +2,9 @@
 
 Works with image-captioning models that ``AutoModelForImageTextToText`` loads (BLIP-style; chat
 VLMs whose processor has a chat template get ``caption.prompt`` as the instruction). Every sampled
-frame is captioned (batched, ``caption.batch_size`` at a time) and the clip caption is the caption
-produced most often, ties going to the frame nearest the middle: a cheap vote that drops captions of
-a single odd frame.
+frame is captioned and the clip caption is the caption produced most often, ties going to the frame
+nearest the middle: a cheap vote that drops captions of a single odd frame. ``caption_clips`` pools
+the frames of several clips so each ``generate`` call gets a full batch of ``caption.batch_size``.
 """
 
 from __future__ import annotations
@@ -65,8 +65,21 @@ class VLMCaptioner:
                 out.extend(t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True))
         return out
 
+    def caption_clips(self, requests) -> list[str]:
+        """One caption per ``CaptionRequest``; frames of all clips share ``generate`` batches."""
+        frames = [f for req in requests for f in req.frames]
+        caps = self.caption_frames(np.stack(frames)) if frames else []
+        out, i = [], 0
+        for req in requests:
+            out.append(self._vote(caps[i : i + len(req.frames)]))
+            i += len(req.frames)
+        return out
+
     def __call__(self, source: str, start_s: float, end_s: float, frames: np.ndarray) -> str:
-        caps = self.caption_frames(frames)
+        return self._vote(self.caption_frames(frames))
+
+    @staticmethod
+    def _vote(caps: list[str]) -> str:
         if not caps:
             return ""
         counts = Counter(c for c in caps if c)

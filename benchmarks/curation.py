@@ -1,0 +1,146 @@
+"""Curation cost relative to a plain decode: ``python benchmarks/curation.py VIDEO... [--preset tiny]``.
+
+Prints, measured in this one process run:
+- ratio = wall time of curation analysis (probe + scene split + technical aesthetic + motion, i.e. the
+  single decode pass with every cheap filter; no clip encoding, OCR or captioning) / wall time of a
+  plain full PyAV decode of the same videos. Each is timed ``--rounds`` times, alternating, and the
+  fastest round of each is used, which damps noise from other processes on the machine.
+- OCR seconds per clip (easyocr detection on each clip's middle frame, weights from ``weights.ocr``).
+- captioning seconds per clip: the ``vlm`` captioner on ``caption.num_frames`` frames per clip, batched
+  as in curation. Uses ``weights.captioner`` when set; otherwise a tiny randomly initialised BLIP
+  (measures the code path only, say so when quoting the figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from easyanimate.config import load_settings
+from easyanimate.data.captioners import CaptionRequest
+from easyanimate.data.captioners.sidecar import SidecarCaptioner
+from easyanimate.data.curate import ClipSamples, _analysis_size, analyse_video
+from easyanimate.data.manifest import file_hash
+from easyanimate.data.scenes import scan_video
+from easyanimate.data.video_io import probe
+
+
+def plain_decode(videos: list[Path]) -> float:
+    t0 = time.perf_counter()
+    for video in videos:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for _ in container.decode(stream):
+                pass
+    return time.perf_counter() - t0
+
+
+def curation_analysis(videos: list[Path], settings, hashes: dict) -> tuple[float, list[dict]]:
+    # An empty sidecar: captioning costs nothing and every clip still gets every cheap-filter score.
+    captioner = SidecarCaptioner([])
+    t0 = time.perf_counter()
+    records = [r for v in videos for r in analyse_video(v, hashes[v], settings, captioner)]
+    return time.perf_counter() - t0, records
+
+
+def clip_frames(videos: list[Path], settings) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(middle frame, caption frames) of every planned clip, collected in one pass per video."""
+    out = []
+    for video in videos:
+        info = probe(video)
+        samples = lambda plan: ClipSamples.for_plan(plan, info, settings)  # noqa: E731
+        scan_video(video, info, settings.curate.scenes, _analysis_size(info, settings),
+                   times_for=lambda plan: samples(plan).times(),
+                   on_clip=lambda plan, fr: out.append((samples(plan).split(fr)["middle"][0],
+                                                        samples(plan).split(fr)["caption"])))
+    return out
+
+
+def tiny_blip(folder: Path) -> Path:
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "rabbit", "in", "the", "meadow"]
+    (folder / "vocab.txt").write_text("\n".join(words))
+    tok = BertTokenizer(str(folder / "vocab.txt"))
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    torch.manual_seed(0)
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, bos_token_id=5, pad_token_id=0, sep_token_id=3, eos_token_id=3,
+                         max_position_embeddings=64, encoder_hidden_size=32),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    BlipForConditionalGeneration(cfg).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("videos", nargs="+", type=Path)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    base = load_settings(args.params, preset=args.preset)
+    curate = base.curate.model_copy(update={
+        "aesthetic": base.curate.aesthetic.model_copy(update={"scorer": "technical"}),
+        "text": base.curate.text.model_copy(update={"enabled": False}),
+        "caption": base.curate.caption.model_copy(update={"captioner": "sidecar"}),
+    })
+    settings = base.model_copy(update={"curate": curate})
+    hashes = {v: file_hash(v) for v in args.videos}
+
+    decode_s, curate_s, records = [], [], []
+    for _ in range(args.rounds):
+        decode_s.append(plain_decode(args.videos))
+        seconds, records = curation_analysis(args.videos, settings, hashes)
+        curate_s.append(seconds)
+    clips = [r for r in records if r["aesthetic"] is not None]
+    print(f"videos: {', '.join(v.name for v in args.videos)}")
+    print(f"plain decode: {min(decode_s):.2f} s   curation analysis: {min(curate_s):.2f} s   "
+          f"({len(records)} clip plans, {len(clips)} scored)")
+    print(f"ratio curation/decode: {min(curate_s) / min(decode_s):.2f}   (goal <= 2.0; rounds: "
+          + ", ".join(f"{c / d:.2f}" for c, d in zip(curate_s, decode_s)) + ")")
+
+    frames = clip_frames(args.videos, settings)
+    if not frames:
+        print("no clips planned: OCR/caption figures skipped")
+        return
+    from easyanimate.data.filters.text import get_reader, text_area
+
+    get_reader(base.weights)  # model load is a one-off, not a per-clip cost
+    t0 = time.perf_counter()
+    for middle, _ in frames:
+        text_area(middle, base.weights, base.curate.text.max_side)
+    print(f"OCR: {(time.perf_counter() - t0) / len(frames):.3f} s/clip over {len(frames)} clips")
+
+    from easyanimate.data.captioners.vlm import VLMCaptioner
+
+    vlm_cfg = base.curate.caption.model_copy(update={"captioner": "vlm"})
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, label = (base.weights.captioner, "weights.captioner") if base.weights.captioner else \
+            (tiny_blip(Path(tmp)), "tiny random BLIP: code path only, not a model figure")
+        vlm_settings = base.model_copy(update={
+            "curate": base.curate.model_copy(update={"caption": vlm_cfg}),
+            "weights": base.weights.model_copy(update={"captioner": str(model_dir)}),
+        })
+        captioner = VLMCaptioner.from_settings(vlm_settings)
+        requests = [CaptionRequest("x", 0.0, 1.0, cap) for _, cap in frames]
+        t0 = time.perf_counter()
+        captioner.caption_clips(requests)
+        print(f"captioning: {(time.perf_counter() - t0) / len(frames):.3f} s/clip over {len(frames)} clips "
+              f"({vlm_cfg.num_frames} frames/clip, batch {vlm_cfg.batch_size}; {label})")
+
+
+if __name__ == "__main__":
+    main()
