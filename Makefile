@@ -14,7 +14,7 @@ export PREFECT_HOME := $(CURDIR)/.easyanimate/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-test demo test repro clean
+.PHONY: install install-test demo test repro clean serve-prefect prefect-up prefect-down retrain
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,21 @@ test: $(TEST_STAMP)
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
+
+# Local Prefect server on 127.0.0.1:$(PREFECT_PORT) + process worker running prefect.yaml's deployments.
+PREFECT_PORT ?= 4200
+serve-prefect: $(STAMP)
+	PREFECT_PORT=$(PREFECT_PORT) infra/prefect_local.sh serve
+
+prefect-up: $(STAMP)
+	PREFECT_PORT=$(PREFECT_PORT) infra/prefect_local.sh up
+
+prefect-down:
+	PREFECT_PORT=$(PREFECT_PORT) infra/prefect_local.sh down
+
+# Queue a run of the scheduled retraining now (a worker from serve-prefect picks it up).
+retrain:
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect deployment run retrain/weekly
 
 clean:
 	rm -rf data/curated models reports .easyanimate mlflow.db mlruns mlartifacts dvc.lock

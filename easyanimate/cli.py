@@ -120,29 +120,21 @@ def curate(input_dir: Path = typer.Argument(..., exists=True, file_okay=False),
 
 def resolve_pipeline_dir(model: str, settings) -> Path:
     """A pipeline folder, or a registry URI (``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``)."""
-    if model.startswith("models:/"):
-        import os
+    from easyanimate.serving.resolve import pipeline_folder
 
-        import mlflow
-
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", settings.registry.tracking_uri))
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-        candidates = list(local.rglob("model_index.json"))
-        if not candidates:
-            _fail(f"{model} holds no pipeline folder")
-        return candidates[0].parent
-    path = Path(model)
-    if not (path / "model_index.json").exists():
-        _fail(f"{model} is not a pipeline folder (no model_index.json); run the pipeline or pass models:/NAME@ALIAS")
-    return path
+    try:
+        return pipeline_folder(model, settings.registry.tracking_uri)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
 
 
 @app.command()
 def generate(prompt: str = typer.Argument(...),
              out: Path = typer.Option(..., "--out", "-o", help="output .mp4 or .gif"),
              model: Optional[str] = typer.Option(None, help="pipeline folder or models:/NAME@ALIAS (default: paths.pipeline)"),
-             lora: Optional[Path] = typer.Option(None, help="LoRA adapter folder"),
-             lora_scale: float = typer.Option(1.0),
+             lora: Optional[str] = typer.Option(None, help="LoRA adapter: folder or .safetensors file written by the "
+                                                           "lora stage, or models:/NAME@ALIAS of a registered adapter"),
+             lora_scale: float = typer.Option(1.0, help="adapter strength (0 = base model)"),
              steps: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
              frames: Optional[int] = typer.Option(None), height: Optional[int] = typer.Option(None),
              width: Optional[int] = typer.Option(None), guidance: Optional[float] = typer.Option(None),
@@ -153,29 +145,127 @@ def generate(prompt: str = typer.Argument(...),
     g = settings.generate
     import torch
 
-    from easyanimate.data.video_io import write_video
     from easyanimate.pipelines import EasyAnimatePipeline
+    from easyanimate.serving.resolve import lora_path
 
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in ("mp4", "gif"):
+        _fail(f"--out must end in .mp4 or .gif, got {out}")
     pipe = EasyAnimatePipeline.from_pretrained(resolve_pipeline_dir(model or str(settings.paths.pipeline), settings))
     if lora:
-        pipe.load_lora_weights(lora, scale=lora_scale)
+        try:
+            pipe.load_lora_weights(lora_path(lora, settings.registry.tracking_uri), scale=lora_scale)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(f"--lora {lora}: {exc}")
+    num_frames = frames or g.num_frames
     try:
         result = pipe(prompt, negative_prompt=negative_prompt if negative_prompt is not None else (g.negative_prompt or None),
-                      num_frames=frames or g.num_frames, height=height or g.height, width=width or g.width,
+                      num_frames=num_frames, height=height or g.height, width=width or g.width,
                       num_inference_steps=steps or g.num_inference_steps, guidance_scale=guidance or g.guidance_scale,
-                      generator=torch.Generator().manual_seed(g.seed if seed is None else seed), output_type="np",
-                      max_text_tokens=settings.dit.model.max_text_tokens)
+                      generator=torch.Generator().manual_seed(g.seed if seed is None else seed), output_type=fmt,
+                      output_path=out, fps=g.fps, max_text_tokens=settings.dit.model.max_text_tokens)
     except ValueError as exc:
         _fail(str(exc))
-    video = result.frames[0]
-    if out.suffix.lower() == ".gif":
-        import imageio.v3 as iio
+    typer.secho(f"wrote {result.frames[0]} ({num_frames} frames, {width or g.width}x{height or g.height})",
+                fg=typer.colors.GREEN)
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        iio.imwrite(out, video, extension=".gif", duration=1000 / g.fps, loop=0)
-    else:
-        write_video(video, out, fps=g.fps)
-    typer.secho(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]})", fg=typer.colors.GREEN)
+
+@app.command()
+def promote(version: Optional[str] = typer.Option(None, help="model version (default: the latest)"),
+            dry_run: bool = typer.Option(False, "--dry-run", help="decide and print; change no alias or tag"),
+            params: Optional[Path] = ParamsOpt) -> None:
+    """Gated promotion: VERSION becomes champion only if its gates passed and it beats the champion by the
+    margins in registry.promotion (the register stage runs this after every registration)."""
+    settings = _settings(params)
+    from flows.promote import promote_version
+
+    try:
+        outcome = promote_version(settings, version, dry_run=dry_run)
+    except (LookupError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(outcome["markdown"])
+    colour = typer.colors.GREEN if outcome["promoted"] else typer.colors.YELLOW
+    typer.secho(f"{'[dry run] ' if dry_run else ''}models:/{outcome['model']}/{outcome['version']} "
+                f"{outcome['decision']}: {outcome['reason']} (champion: v{outcome['champion_after']})", fg=colour)
+
+
+@app.command()
+def lineage(model: str = typer.Argument(..., help="models:/NAME/VERSION"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON"),
+            params: Optional[Path] = ParamsOpt) -> None:
+    """Where a registered version came from: data (DVC hash), git commit, params, parent checkpoints, runs."""
+    import os
+
+    settings = _settings(params)
+    parts = model.removeprefix("models:/").split("/")
+    if not model.startswith("models:/") or len(parts) != 2 or not parts[1].isdigit():
+        _fail(f"{model!r} is not models:/NAME/VERSION")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from easyanimate.lineage import model_lineage
+    from easyanimate.stages import STAGE_NAMES
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", settings.registry.tracking_uri))
+    try:
+        info = model_lineage(MlflowClient(), parts[0], parts[1])
+    except MlflowException as exc:
+        _fail(f"{model}: {exc.message}")
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.secho(f"{info['model']}  aliases: {', '.join(info['aliases']) or '-'}", bold=True)
+    for key in ("curated_data_dvc_hash", "git_commit", "params_hash", "params_artifact", "warm_start",
+                "pipeline_run_id", "register_run_id"):
+        typer.echo(f"  {key:22s} {info[key] or '-'}")
+    typer.echo("  checkpoints:")
+    for stage, ckpt in info["checkpoints"].items():
+        typer.echo(f"    {stage:12s} {ckpt.get('path', '-')}  dvc {ckpt.get('dvc_hash', '-')}  "
+                   f"parent: {ckpt.get('parent') or '-'}")
+    typer.echo("  runs:")
+    for stage in sorted(info["runs"], key=lambda s: STAGE_NAMES.index(s) if s in STAGE_NAMES else len(STAGE_NAMES)):
+        run = info["runs"][stage]
+        typer.echo(f"    {stage:12s} {run['run_id']}  {run.get('status', '')}")
+    promotion = info["promotion"]
+    if promotion:
+        typer.echo(f"  promotion: {promotion.get('promotion.decision', '-')}: {promotion.get('promotion.reason', '-')}")
+
+
+vae_app = typer.Typer(no_args_is_help=True, help="Slice VAE tools.")
+app.add_typer(vae_app, name="vae")
+
+
+@vae_app.command("reconstruct")
+def vae_reconstruct(src: Path = typer.Argument(..., exists=True, dir_okay=False, help="input video"),
+                    dst: Path = typer.Argument(..., help="output .mp4"),
+                    model: Optional[Path] = typer.Option(None, help="VAE folder (default: paths.vae_stage2)"),
+                    frames: Optional[int] = typer.Option(None, help="at most this many frames (default: all)"),
+                    size: Optional[int] = typer.Option(None, help="short side in pixels (default: vae.stage2.resolution)"),
+                    fps: Optional[float] = typer.Option(None, help="sampling rate (default: vae.stage2.sample_fps)"),
+                    params: Optional[Path] = ParamsOpt) -> None:
+    """Encode and decode a video through the Slice VAE (slice by slice, bounded memory)."""
+    settings = _settings(params)
+    model_dir = model or settings.paths.vae_stage2
+    if not (Path(model_dir) / "config.json").exists():
+        _fail(f"{model_dir} is not a saved VAE (no config.json); train it or pass --model")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from easyanimate.data.video_io import VideoError
+    from easyanimate.models.vae import SliceVAE
+    from easyanimate.models.vae.reconstruct import reconstruct_file
+
+    vae = SliceVAE.from_pretrained(model_dir).eval()
+    with Progress(TextColumn("[bold]vae reconstruct"), BarColumn(), TextColumn("{task.completed}/{task.total} slices"),
+                  TimeRemainingColumn()) as progress:
+        bar = progress.add_task("slices", total=None)
+        try:
+            video = reconstruct_file(vae, src, dst, size or settings.vae.stage2.resolution,
+                                     fps or settings.vae.stage2.sample_fps, frames,
+                                     callback=lambda done, total: progress.update(bar, completed=done, total=total))
+        except (ValueError, VideoError) as exc:
+            _fail(str(exc))
+    typer.secho(f"wrote {dst} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]})", fg=typer.colors.GREEN)
 
 
 if __name__ == "__main__":

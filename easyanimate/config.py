@@ -54,6 +54,9 @@ class WeightsConfig(_Section):
     aesthetic_clip: str | None = None
     aesthetic_head: str | None = None
     captioner: str | None = None
+    # LPIPS (VGG16 backbone + calibration layers) for the VAE's perceptual loss; no package ships them, so off
+    # unless set (see easyanimate.training.losses.LPIPS for the file layout).
+    lpips: str | None = None
 
 
 # ----------------------------------------------------------------------------------------- curation
@@ -157,18 +160,49 @@ class TrainStageConfig(_Section):
     seed: int = 0
 
 
-class VAEStage1Config(TrainStageConfig):
+class VAEAdversarialConfig(_Section):
+    """Hinge-GAN term from a per-frame 2D and a 3D patch discriminator, VQGAN-style adaptive weight."""
+
+    enabled: bool = False
+    disc_start_step: int = Field(0, ge=0, description="generator sees the GAN term from this step on")
+    weight: float = Field(0.5, ge=0, description="multiplies the adaptive weight")
+    max_adaptive_weight: float = Field(1e4, gt=0)
+    use_2d: bool = True
+    use_3d: bool = True
+    channels: int = Field(32, ge=4)
+    layers: int = Field(3, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+
+
+class VAETrainConfig(TrainStageConfig):
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off")
+    gradient_checkpointing: bool = False
+    adversarial: VAEAdversarialConfig = VAEAdversarialConfig()
+
+
+class VAEStage1Config(VAETrainConfig):
     kl_weight: float = Field(1e-6, ge=0)
+    perceptual_weight: float = Field(1.0, ge=0, description="LPIPS weight; used only when weights.lpips is set")
 
 
-class VAEStage2Config(TrainStageConfig):
+class VAEStage2Config(VAETrainConfig):
     pass
+
+
+class VAEEvalConfig(_Section):
+    """Held-out reconstruction check run after each VAE stage on the manifest's val clips."""
+
+    num_frames: int = Field(24, ge=1, description="frames per val clip (1 or a multiple of 4 >= 8)")
+    max_clips: int = Field(4, ge=1)
+    fps: int = Field(8, ge=1, description="frame rate of the side-by-side video")
 
 
 class VAEConfig(_Section):
     model: VAEModelConfig = VAEModelConfig()
     stage1: VAEStage1Config = VAEStage1Config()
     stage2: VAEStage2Config = VAEStage2Config()
+    eval: VAEEvalConfig = VAEEvalConfig()
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
@@ -222,8 +256,11 @@ class LoRAConfig(_Section):
     rank: int = Field(8, ge=1)
     alpha: int = Field(8, ge=1)
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    data_dir: Path | None = None
+    data_dir: Path | None = Field(None, description="style images and/or videos with <name>.txt captions; "
+                                                   "None trains on the curated clips")
     train: TrainStageConfig = TrainStageConfig(num_frames=1, image_ratio=1.0)
+    registered_model: str = Field("easyanimate-lora", description="MLflow registered model holding the adapters")
+    default_scale: float = Field(1.0, ge=0, description="adapter scale the registered LoRA model serves with")
 
 
 class GenerateConfig(_Section):
@@ -237,6 +274,10 @@ class GenerateConfig(_Section):
     scheduler: Literal["dpm++", "ddim", "euler", "euler_a", "pndm"] = "dpm++"
     seed: int = 1234
     fps: int = Field(8, ge=1)
+    # Serving refuses requests beyond these (HTTP 400) instead of exhausting the server's memory.
+    max_side: int = Field(1024, ge=16, description="largest height/width a served request may ask for")
+    max_frames: int = Field(256, ge=1, description="most frames a served request may ask for")
+    max_inference_steps: int = Field(200, ge=1, description="most denoising steps a served request may ask for")
 
 
 class EvaluateConfig(_Section):
@@ -248,11 +289,39 @@ class EvaluateConfig(_Section):
     max_flicker: float = 0.5
 
 
+class PromotionConfig(_Section):
+    """Margins a challenger must meet against the champion (rule: ``easyanimate/promotion.py``).
+
+    Guard rails: no compared metric may get worse by more than its ``max_*`` tolerance.
+    Improvement: the DiT validation loss must fall by more than ``min_val_loss_decrease``, or the
+    VAE PSNR must rise by more than ``min_psnr_gain`` (dB).
+    """
+
+    max_val_loss_increase: float = Field(0.01, ge=0)
+    max_psnr_drop: float = Field(0.5, ge=0)
+    max_ssim_drop: float = Field(0.02, ge=0)
+    max_flicker_increase: float = Field(0.05, ge=0)
+    min_val_loss_decrease: float = Field(0.0, ge=0)
+    min_psnr_gain: float = Field(0.0, ge=0)
+
+
 class RegistryConfig(_Section):
     model_name: str = "easyanimate"
     experiment: str = "easyanimate"
     tracking_uri: str = "sqlite:///mlflow.db"
     champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    promotion: PromotionConfig = PromotionConfig()
+
+
+class RetrainConfig(_Section):
+    """Scheduled retraining (``flows/retrain.py``): new raw videos land in ``paths.raw_videos``."""
+
+    from_champion: bool = Field(True, description="start VAE and DiT stage 1 from the champion's weights")
+    # A pipeline folder (vae/, transformer/) whose weights start VAE stage 1 and DiT stage 1 instead of
+    # fresh models. The retrain flow sets it to the downloaded champion; None trains from scratch.
+    init_pipeline: Path | None = None
+    download_dir: Path = Path(".easyanimate/champions")
 
 
 class Settings(_Section):
@@ -266,6 +335,7 @@ class Settings(_Section):
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     def section_hash(self, *dotted: str) -> str:
         """Stable short hash of the named sections (all of them if none named)."""

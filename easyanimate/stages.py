@@ -35,9 +35,10 @@ STAGES: tuple[StageSpec, ...] = (
               ("easyanimate.data.curate", "easyanimate.data.scenes", "easyanimate.data.video_io",
                "easyanimate.data.manifest", "easyanimate.data.quality", "easyanimate.data.filters",
                "easyanimate.data.captioners")),
-    StageSpec("vae_stage1", ("curated",), ("vae_stage1",), ("vae.model", "vae.stage1", "vae.mixed_precision"),
+    StageSpec("vae_stage1", ("curated",), ("vae_stage1",),
+              ("vae.model", "vae.stage1", "vae.eval", "vae.mixed_precision", "weights.lpips"),
               ("easyanimate.training.vae", "easyanimate.models.vae") + _TRAIN),
-    StageSpec("vae_stage2", ("curated", "vae_stage1"), ("vae_stage2",), ("vae.stage2", "vae.mixed_precision"),
+    StageSpec("vae_stage2", ("curated", "vae_stage1"), ("vae_stage2",), ("vae.stage2", "vae.eval", "vae.mixed_precision"),
               ("easyanimate.training.vae", "easyanimate.models.vae") + _TRAIN),
     StageSpec("dit_stage1", ("curated", "vae_stage2"), ("dit_stage1",),
               ("dit.model", "dit.stage1", "dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout",
@@ -97,7 +98,67 @@ def stage_inputs_hash(name: str, settings: Settings) -> str:
         path = getattr(settings.paths, dep)
         digest.update(dep.encode())
         digest.update(hash_path(path).encode() if path.exists() else b"missing")
+    init = warm_start_dir(name, settings)
+    if init is not None:  # a new champion to continue from is a new input
+        digest.update(b"init")
+        digest.update(hash_path(init).encode() if init.exists() else b"missing")
     return digest.hexdigest()[:16]
+
+
+# Which component of a pipeline folder warm-starts which first stage (retraining from the champion).
+WARM_START_COMPONENTS = {"vae_stage1": "vae", "dit_stage1": "transformer"}
+
+
+def warm_start_dir(name: str, settings: Settings) -> Path | None:
+    """The folder stage ``name`` starts from instead of a fresh model (``retrain.init_pipeline``), if any."""
+    init = settings.retrain.init_pipeline
+    if init is None or name not in WARM_START_COMPONENTS:
+        return None
+    return Path(init) / WARM_START_COMPONENTS[name]
+
+
+def warm_start_mismatches(settings: Settings, pipeline_dir: Path) -> list[str]:
+    """Why ``pipeline_dir``'s VAE/transformer cannot continue under ``settings`` (empty when they can).
+
+    Compares each saved ``config.json`` with the config of the model the settings build (built on the
+    meta device, so checking a paper-size model allocates nothing).
+    """
+    import torch
+
+    from easyanimate.training.dit import build_transformer
+    from easyanimate.training.vae import build_vae
+
+    problems: list[str] = []
+    configs = {}
+    for component in WARM_START_COMPONENTS.values():
+        file = Path(pipeline_dir) / component / "config.json"
+        if not file.exists():
+            problems.append(f"{file} is missing")
+        else:
+            configs[component] = json.loads(file.read_text())
+    if problems:
+        return problems
+    with torch.device("meta"):
+        fresh = {
+            "vae": build_vae(settings),
+            "transformer": build_transformer(settings, settings.vae.model.latent_channels,
+                                             configs["transformer"].get("text_embed_dim", 0)),
+        }
+    for component, model in fresh.items():
+        section = "vae.model" if component == "vae" else "dit.model"
+        for key, want in model.config.items():
+            if key.startswith("_") or key not in configs[component]:
+                continue
+            have = configs[component][key]
+            if json.loads(json.dumps(want)) != have:
+                problems.append(f"{section}: {component}.{key} is {have!r} in {pipeline_dir.name}, settings give {want!r}")
+    return problems
+
+
+def _check_warm_start(settings: Settings) -> None:
+    problems = warm_start_mismatches(settings, Path(settings.retrain.init_pipeline))
+    if problems:
+        raise ValueError("retrain.init_pipeline cannot warm-start these settings:\n  " + "\n  ".join(problems))
 
 
 def outputs_present(name: str, settings: Settings) -> bool:
@@ -137,32 +198,47 @@ class StageResult:
 
 # ------------------------------------------------------------------------------- training stages
 def run_vae_stage(settings: Settings, stage: int, trackers=None, show_progress: bool = True) -> StageResult:
-    from easyanimate.training.vae import train_vae
+    from easyanimate.training.vae import evaluate_vae, perceptual_status, train_vae
 
     name = f"vae_stage{stage}"
     out = getattr(settings.paths, name)
+    cfg = settings.vae.stage1 if stage == 1 else settings.vae.stage2
+    init = settings.paths.vae_stage1 if stage == 2 else warm_start_dir(name, settings)
+    if stage == 1 and init is not None:
+        _check_warm_start(settings)
     result = train_vae(
         settings, stage, settings.paths.curated, out, ckpt_dir=checkpoint_dir(settings, name),
-        init_dir=settings.paths.vae_stage1 if stage == 2 else None, trackers=trackers, show_progress=show_progress,
+        init_dir=init, trackers=trackers, show_progress=show_progress,
     )
-    metrics = result.metrics(name)
+    # Held-out reconstruction quality on the val clips, at the stage's training resolution and frame rate.
+    eval_metrics, videos = evaluate_vae(settings, out, settings.paths.curated, report_dir(settings, name),
+                                        cfg.resolution, cfg.sample_fps)
+    metrics = {**result.metrics(name), **{f"{name}/{k}": v for k, v in eval_metrics.items()}}
+    info: dict = {"parent": str(init) if init else None}
+    if stage == 1:
+        perceptual = perceptual_status(settings)
+        metrics[f"{name}/perceptual_enabled"] = float(perceptual.enabled)
+        info["perceptual_loss"] = perceptual.reason
     write_reports(settings, name, metrics, result.losses)
-    return StageResult(name, metrics, {name: out}, [report_dir(settings, name) / "loss.csv"])
+    return StageResult(name, metrics, {name: out}, [report_dir(settings, name) / "loss.csv", *videos], info=info)
 
 
 def run_dit_stage(settings: Settings, stage: int, trackers=None, show_progress: bool = True) -> StageResult:
-    from easyanimate.training.dit import train_dit
+    from easyanimate.training.dit import render_samples, train_dit
 
     name = f"dit_stage{stage}"
     out = getattr(settings.paths, name)
-    init = {1: None, 2: settings.paths.dit_stage1, 3: settings.paths.dit_stage2}[stage]
+    init = {1: warm_start_dir(name, settings), 2: settings.paths.dit_stage1, 3: settings.paths.dit_stage2}[stage]
+    if stage == 1 and init is not None:
+        _check_warm_start(settings)
     result = train_dit(
         settings, stage, settings.paths.curated, settings.paths.vae_stage2, out,
         ckpt_dir=checkpoint_dir(settings, name), init_dir=init, trackers=trackers, show_progress=show_progress,
     )
     metrics = result.metrics(name)
     write_reports(settings, name, metrics, result.losses)
-    return StageResult(name, metrics, {name: out}, [report_dir(settings, name) / "loss.csv"],
+    samples = render_samples(settings, settings.paths.vae_stage2, out, report_dir(settings, name) / "samples")
+    return StageResult(name, metrics, {name: out}, [report_dir(settings, name) / "loss.csv", *samples],
                        info={"parent": str(init) if init else None})
 
 

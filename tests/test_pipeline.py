@@ -15,6 +15,15 @@ SCHED_CFG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: one thread is fastest, and immune to other busy cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def text_encoder():
     return load_text_encoder(resolve_weight_path(load_settings().weights.text_encoder, "weights.text_encoder"))
@@ -65,6 +74,48 @@ def test_output_types_and_image_mode(pipe):
     assert _run(pipe, num_frames=1, height=32, width=48).shape == (1, 1, 32, 48, 3)
     batch = pipe(["a cat", "a dog"], negative_prompt="blurry", num_inference_steps=2, output_type="latent").frames
     assert batch.shape == (2, 4, 2, 8, 8)
+
+
+def test_encoded_video_outputs(pipe, tmp_path):
+    import imageio.v3 as iio
+
+    from easyanimate.data.video_io import probe
+
+    frames = _run(pipe)
+    mp4 = _run(pipe, output_type="mp4", fps=4)
+    assert isinstance(mp4, list) and len(mp4) == 1 and isinstance(mp4[0], bytes)
+    (tmp_path / "bytes.mp4").write_bytes(mp4[0])
+    info = probe(tmp_path / "bytes.mp4")
+    assert (info.num_frames, info.width, info.height, round(info.fps)) == (8, 64, 64, 4)
+    gif_bytes = _run(pipe, output_type="gif", fps=4)[0]
+    gif = iio.imread(gif_bytes, extension=".gif")
+    # Pillow merges identical consecutive frames into one longer frame; the running time is kept.
+    durations = [iio.immeta(gif_bytes, index=i, extension=".gif")["duration"] for i in range(len(gif))]
+    assert sum(durations) == 8 * 250 and gif.shape[1:3] == (64, 64)
+    # GIF is palette-quantised, not lossy-compressed: colours stay close to the decoded frames.
+    assert np.abs(gif[0, ..., :3].astype(float) - frames[0, 0]).mean() < 8
+    written = pipe(["a cat", "a dog"], num_inference_steps=1, output_type="mp4", output_path=tmp_path / "out" / "v.mp4",
+                   generator=torch.Generator().manual_seed(0)).frames
+    assert written == [tmp_path / "out" / "v_0.mp4", tmp_path / "out" / "v_1.mp4"]
+    assert all(probe(p).num_frames == 8 for p in written)
+    with pytest.raises(ValueError, match="2 output paths for 1 prompts"):
+        _run(pipe, output_type="gif", output_path=[tmp_path / "a.gif", tmp_path / "b.gif"])
+
+
+def test_memory_controls(pipe):
+    latents = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(2))  # 16 frames: 2 decode slices
+    sliced = _run(pipe, num_frames=16, latents=latents, output_type="pt")
+    pipe.disable_vae_slicing()
+    try:
+        assert not pipe.vae_slicing
+        whole = _run(pipe, num_frames=16, latents=latents, output_type="pt")
+    finally:
+        pipe.enable_vae_slicing()
+    # The Slice VAE shares features across slices, so slicing changes memory, not the video.
+    torch.testing.assert_close(sliced, whole, atol=1e-4, rtol=1e-4)
+    if not torch.cuda.is_available():
+        assert pipe.enable_idle_component_offload() is False  # nothing to offload: honest no-op
+        assert pipe._execution_device.type == "cpu"
 
 
 def test_seed_determinism(pipe):
@@ -124,7 +175,9 @@ def test_save_load_round_trip(pipe, tmp_path):
         ({"width": 72}, "multiples of 16"),
         ({"num_frames": 5}, "num_frames"),
         ({"num_frames": 4}, "num_frames"),
-        ({"output_type": "gif"}, "output_type"),
+        ({"output_type": "webm"}, "output_type"),
+        ({"output_type": "np", "output_path": "x.mp4"}, "output_path"),
+        ({"output_type": "mp4", "output_path": "x.gif"}, "must end in .mp4"),
         ({"negative_prompt": ["a", "b"]}, "negative"),
     ],
 )

@@ -13,7 +13,12 @@ from easyanimate.config import Settings, resolve_weight_path
 from easyanimate.data.datasets import load_clip_frames, to_model_range
 from easyanimate.data.video_io import write_video
 from easyanimate.evaluation.metrics import flicker, psnr, ssim
-from easyanimate.utils import atomic_directory
+from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_text
+
+# Every setting that changes the metric values (not the gate thresholds): metrics computed under a
+# different protocol are not comparable, so promotion re-evaluates instead of comparing them.
+PROTOCOL_SETTINGS = ("evaluate.val_timesteps", "evaluate.seed", "generate", "dit.num_train_timesteps",
+                     "dit.beta_schedule", "dit.model.max_text_tokens", "vae.stage1.sample_fps")
 
 
 @dataclass
@@ -23,6 +28,11 @@ class EvalReport:
     reasons: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
+    context: dict = field(default_factory=dict)  # what the metrics were computed on (data, protocol, clip ids)
+
+
+def evaluation_protocol_hash(settings: Settings) -> str:
+    return settings.section_hash(*PROTOCOL_SETTINGS)
 
 
 def ddpm_config(settings: Settings) -> dict:
@@ -117,7 +127,21 @@ def generate_samples(settings: Settings, pipe, out_dir: Path) -> tuple[dict[str,
     return {"eval/flicker": float(np.mean(flickers))}, paths
 
 
+def write_val_loss_plot(metrics: dict[str, float], path: Path) -> Path:
+    """Per-timestep validation loss as a CSV that ``dvc plots diff`` draws (x: timestep)."""
+    rows = sorted((int(k.rsplit("_t", 1)[1]), v) for k, v in metrics.items() if k.startswith("eval/val_loss_t"))
+    atomic_write_text(path, "timestep,val_loss\n" + "".join(f"{t},{v:.6f}\n" for t, v in rows))
+    return path
+
+
 def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path, out_dir: Path) -> EvalReport:
+    """Score a pipeline folder on ``curated_dir``'s held-out (``split == "val"``) clips.
+
+    Writes into ``out_dir``: samples, ``val_loss.csv`` (DVC plot), ``eval_context.json`` (the DVC hash
+    of the data and the protocol hash the metrics belong to) and ``report.md``.
+    """
+    from easyanimate.evaluation.report import evaluation_markdown
+    from easyanimate.lineage import dvc_hash
     from easyanimate.pipelines import EasyAnimatePipeline
 
     torch.manual_seed(settings.evaluate.seed)
@@ -151,4 +175,13 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
     if metrics["eval/flicker"] > e.max_flicker:
         reasons.append(f"eval/flicker {metrics['eval/flicker']:.4f} > evaluate.max_flicker {e.max_flicker}")
     metrics["eval/passed"] = float(not reasons)
-    return EvalReport(metrics, not reasons, reasons, skipped, artifacts)
+
+    out_dir = Path(out_dir)
+    context = {"data_dvc_hash": dvc_hash(curated_dir), "protocol_hash": evaluation_protocol_hash(settings),
+               "val_clip_ids": sorted(c.clip_id for c in clips)}
+    atomic_write_json(out_dir / "eval_context.json", context)
+    plot = write_val_loss_plot(metrics, out_dir / "val_loss.csv")
+    report = out_dir / "report.md"
+    atomic_write_text(report, evaluation_markdown(metrics, not reasons, reasons, skipped, artifacts, out_dir))
+    artifacts = artifacts + [plot, report, out_dir / "eval_context.json"]
+    return EvalReport(metrics, not reasons, reasons, skipped, artifacts, context)

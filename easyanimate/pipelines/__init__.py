@@ -1,6 +1,7 @@
 from .pipeline_easyanimate import (
     EasyAnimatePipeline,
     EasyAnimatePipelineOutput,
+    encode_video,
     load_transformer_lora,
     make_scheduler,
     save_transformer_lora,
@@ -9,6 +10,7 @@ from .pipeline_easyanimate import (
 __all__ = [
     "EasyAnimatePipeline",
     "EasyAnimatePipelineOutput",
+    "encode_video",
     "load_transformer_lora",
     "make_scheduler",
     "save_transformer_lora",

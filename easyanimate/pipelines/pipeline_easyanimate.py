@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from easyanimate.models.dit.transformer import EasyAnimateTransformer3DModel  # noqa: F401
 from easyanimate.models.text_encoder import encode_prompts
 from easyanimate.models.vae.slice_vae import SliceVAE  # noqa: F401
+
+logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_PREFIX = "transformer"  # diffusers' key convention for a pipeline's transformer LoRA
@@ -49,11 +53,46 @@ def make_scheduler(name: str, config: dict | None = None):
     return cls(**{k: v for k, v in cfg.items() if k in accepted})
 
 
+OUTPUT_TYPES = ("np", "pt", "latent", "mp4", "gif")
+ENCODED_TYPES = ("mp4", "gif")
+
+
 @dataclass
 class EasyAnimatePipelineOutput(BaseOutput):
-    """``frames``: uint8 (B, T, H, W, 3) for "np", float (B, 3, T, H, W) in [0, 1] for "pt", latents for "latent"."""
+    """``frames`` by ``output_type``: "np" uint8 (B, T, H, W, 3); "pt" float (B, 3, T, H, W) in [0, 1];
+    "latent" the final latents; "mp4"/"gif" a list with one encoded video per prompt, as ``bytes``, or
+    as the ``Path`` written when ``output_path`` was given."""
 
-    frames: np.ndarray | torch.Tensor
+    frames: np.ndarray | torch.Tensor | list[bytes] | list[Path]
+
+
+def encode_video(frames: np.ndarray, fmt: str, fps: float) -> bytes:
+    """uint8 (T, H, W, 3) frames as the bytes of an H.264 ``mp4`` or a looping ``gif``."""
+    if fmt == "gif":
+        import imageio.v3 as iio
+
+        return iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+    if fmt != "mp4":
+        raise ValueError(f"video format must be one of {ENCODED_TYPES}, got {fmt!r}")
+    from easyanimate.data.video_io import write_video
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_video(frames, Path(tmp) / "video.mp4", fps=fps).read_bytes()
+
+
+def _output_paths(output_path: str | Path | list, batch: int, fmt: str) -> list[Path]:
+    if isinstance(output_path, (list, tuple)):
+        paths = [Path(p) for p in output_path]
+        if len(paths) != batch:
+            raise ValueError(f"{len(paths)} output paths for {batch} prompts")
+    else:
+        path = Path(output_path)
+        # One path for several prompts: number them (clip.mp4 -> clip_0.mp4, clip_1.mp4, ...).
+        paths = [path] if batch == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(batch)]
+    for path in paths:
+        if path.suffix.lower() != f".{fmt}":
+            raise ValueError(f"output_path {path} must end in .{fmt} for output_type={fmt!r}")
+    return paths
 
 
 # ------------------------------------------------------------------------------ LoRA helpers
@@ -79,15 +118,31 @@ def save_transformer_lora(transformer, path: str | Path, adapter_name: str | Non
     return file
 
 
+def lora_file(path: str | Path) -> Path:
+    """The adapter weights file of a LoRA folder, or ``path`` itself when it is the file."""
+    path = Path(path)
+    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"LoRA weights not found: {file}")
+    return file
+
+
+def read_lora_config(path: str | Path) -> dict:
+    """The peft ``LoraConfig`` fields (r, lora_alpha, target_modules, ...) stored in an adapter file."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file(path)), framework="pt") as f:
+        raw = (f.metadata() or {}).get(_LORA_METADATA_KEY)
+    meta = json.loads(raw) if raw else {}
+    return {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in meta.items()}
+
+
 def load_transformer_lora(transformer, path: str | Path, adapter_name: str = "default", scale: float = 1.0) -> None:
     """Attach a LoRA saved by :func:`save_transformer_lora` and activate it at ``scale``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
-    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"LoRA weights not found: {file}")
+    file = lora_file(path)
     state = load_file(str(file))
     with safe_open(str(file), framework="pt") as f:
         raw = (f.metadata() or {}).get(_LORA_METADATA_KEY)
@@ -110,6 +165,19 @@ def _set_lora_scale(transformer, scale: float, adapter_name: str | None = None) 
 
 
 # ------------------------------------------------------------------------------ pipeline
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _easyanimate_library_tuple(module) -> tuple[str, str] | None:
     """``(defining module, ClassName)`` for easyanimate classes, else None (diffusers' own logic applies).
 
@@ -160,7 +228,12 @@ class EasyAnimatePipeline(DiffusionPipeline):
                 self.register_to_config(**{name: fixed})
 
     # -------------------------------------------------------------- checks
-    def _check_inputs(self, prompt, negative_prompt, num_frames, height, width, output_type):
+    def check_inputs(self, prompt, negative_prompt=None, num_frames: int = 8, height: int = 64, width: int = 64,
+                     output_type: str = "np") -> None:
+        """Raise ``ValueError`` naming the bad argument, without generating (servers validate requests with it)."""
+        self._check_inputs(prompt, negative_prompt, num_frames, height, width, output_type)
+
+    def _check_inputs(self, prompt, negative_prompt, num_frames, height, width, output_type, output_path=None):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError(f"prompt must be a non-empty string or list of non-empty strings, got {prompt!r}")
@@ -176,8 +249,12 @@ class EasyAnimatePipeline(DiffusionPipeline):
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         self.vae.check_num_frames(num_frames)  # raises ValueError for unsupported lengths
-        if output_type not in ("np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_path is not None:
+            if output_type not in ENCODED_TYPES:
+                raise ValueError(f"output_path needs output_type 'mp4' or 'gif', got {output_type!r}")
+            _output_paths(output_path, len(prompts), output_type)
         return prompts, negatives
 
     # -------------------------------------------------------------- generation
@@ -195,8 +272,18 @@ class EasyAnimatePipeline(DiffusionPipeline):
         output_type: str = "np",
         max_text_tokens: int = 32,
         latents: torch.Tensor | None = None,
+        output_path: str | Path | list[str | Path] | None = None,
+        fps: float = 8,
     ) -> EasyAnimatePipelineOutput:
-        prompts, negatives = self._check_inputs(prompt, negative_prompt, num_frames, height, width, output_type)
+        """Generate one video per prompt.
+
+        ``output_type`` "mp4"/"gif" encodes the videos at ``fps``: without ``output_path`` the result holds
+        their bytes; with it they are written there (one path, numbered ``_i`` for several prompts, or a
+        list) and the result holds the paths. Memory: see ``enable_vae_slicing`` and
+        ``enable_idle_component_offload``.
+        """
+        prompts, negatives = self._check_inputs(prompt, negative_prompt, num_frames, height, width, output_type,
+                                                output_path)
         device = self._execution_device
         dtype = self.transformer.dtype
         batch = len(prompts)
@@ -237,13 +324,54 @@ class EasyAnimatePipeline(DiffusionPipeline):
         if output_type == "latent":
             frames = latents
         else:
-            video = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-            video = (video.float() / 2 + 0.5).clamp(0, 1)
-            if output_type == "np":
-                video = (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
-            frames = video
+            frames = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
+        if output_type in ENCODED_TYPES:
+            videos = [encode_video(video, output_type, fps) for video in frames]
+            if output_path is not None:
+                paths = _output_paths(output_path, len(videos), output_type)
+                for path, data in zip(paths, videos):
+                    _atomic_write_bytes(path, data)
+                videos = paths
+            frames = videos
         return EasyAnimatePipelineOutput(frames=frames)
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        video = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
+                                use_slicing=self.vae_slicing).sample
+        video = (video.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return video
+        return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+    # -------------------------------------------------------------- memory controls
+    @property
+    def vae_slicing(self) -> bool:
+        """Decode a few latent frames at a time (Slice VAE); on by default, peak memory stays flat in length."""
+        return getattr(self, "_vae_slicing", True)
+
+    def enable_vae_slicing(self) -> None:
+        self._vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self._vae_slicing = False
+
+    def enable_idle_component_offload(self, device: str | torch.device | None = None) -> bool:
+        """Keep idle components in CPU memory; each moves to the accelerator only while it runs.
+
+        Uses diffusers' ``enable_model_cpu_offload`` (hooks in ``model_cpu_offload_seq`` order: text
+        encoder, transformer, VAE), so at most one component occupies accelerator memory. ``device``
+        defaults to CUDA when present. With no accelerator every component already lives in CPU memory:
+        nothing to offload, so this logs that and returns False; it returns True when offload is active.
+        """
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cpu":
+            logger.info("idle-component offload skipped: no accelerator, every component is already in CPU memory")
+            return False
+        self.enable_model_cpu_offload(device=device)
+        return True
 
     # -------------------------------------------------------------- LoRA (delegates to the transformer)
     def load_lora_weights(self, path: str | Path, adapter_name: str = "default", scale: float = 1.0) -> None:
@@ -269,10 +397,15 @@ class EasyAnimatePipeline(DiffusionPipeline):
 
 
 __all__ = [
+    "ENCODED_TYPES",
     "EasyAnimatePipeline",
     "EasyAnimatePipelineOutput",
+    "OUTPUT_TYPES",
     "SCHEDULERS",
+    "encode_video",
     "load_transformer_lora",
+    "lora_file",
+    "read_lora_config",
     "make_scheduler",
     "save_transformer_lora",
 ]

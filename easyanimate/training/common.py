@@ -20,6 +20,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from easyanimate.config import TrainStageConfig
@@ -66,18 +68,47 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int, losses: list[float], keep: int) -> None:
+_EMA_FILE = "ema.safetensors"
+
+
+def _save_ema(ema: EMAModel, folder: Path) -> None:
+    # Saved as safetensors by hand: accelerate's custom-object checkpoints are pickles (torch.load unsafe).
+    tensors = {f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)}
+    tensors["optimization_step"] = torch.tensor([ema.optimization_step], dtype=torch.int64)
+    save_file(tensors, str(folder / _EMA_FILE))
+
+
+def _load_ema(ema: EMAModel, folder: Path) -> None:
+    path = folder / _EMA_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no {_EMA_FILE}: it was written without EMA; delete it to restart")
+    tensors = load_file(str(path))
+    for i, shadow in enumerate(ema.shadow_params):
+        shadow.data.copy_(tensors[f"shadow.{i}"])
+    ema.optimization_step = int(tensors["optimization_step"].item())
+
+
+def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int, losses: list[float], keep: int,
+                     ema: EMAModel | None = None) -> None:
+    """Every rank calls this (DeepSpeed/FSDP shard their state); only the main rank commits."""
     final = ckpt_dir / f"checkpoint-{step:07d}"
     tmp = ckpt_dir / f".checkpoint-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    # The state file is the commit marker: a checkpoint without it is never resumed from.
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "losses": losses}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    existing = sorted(p for p in ckpt_dir.iterdir() if _CKPT.match(p.name))
-    for old in existing[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            _save_ema(ema, tmp)
+        # The state file is the commit marker: a checkpoint without it is never resumed from.
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "losses": losses}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        existing = sorted(p for p in ckpt_dir.iterdir() if _CKPT.match(p.name))
+        for old in existing[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def train_loop(
@@ -91,14 +122,22 @@ def train_loop(
     name: str,
     tracker_config: dict | None = None,
     show_progress: bool = True,
+    lr_schedule: str = "constant_with_warmup",
+    ema: EMAModel | None = None,
 ) -> TrainResult:
-    """Run ``cfg.steps`` optimisation steps of ``compute_loss(model, step)``; resume from ``ckpt_dir``."""
+    """Run ``cfg.steps`` optimisation steps of ``compute_loss(model, step)``; resume from ``ckpt_dir``.
+
+    ``lr_schedule`` names a diffusers schedule. ``ema`` (over ``trainable``) is updated after every optimiser
+    step and checkpointed with the run; copying its weights into the model at the end is the caller's choice.
+    Modules/optimisers the caller ``accelerator.prepare``-d before this call (e.g. a discriminator) are saved
+    and restored with the checkpoints too.
+    """
     params = [p for p in trainable if p.requires_grad]
     if not params:
         raise ValueError(f"{name}: no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lr_scheduler = get_scheduler(
-        "constant_with_warmup", optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+        lr_schedule, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     accelerator.init_trackers(name, config=tracker_config or {})
@@ -111,6 +150,8 @@ def train_loop(
         accelerator.load_state(str(latest[1]))
         state = json.loads((latest[1] / "trainer_state.json").read_text())
         start, losses = int(state["step"]), list(state["losses"])
+        if ema is not None:
+            _load_ema(ema, latest[1])
 
     model.train()
     began = time.perf_counter()
@@ -131,14 +172,14 @@ def train_loop(
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None and accelerator.sync_gradients:
+                    ema.step(params)
             value = float(accelerator.gather(loss.detach()).mean())
             losses.append(value)
             accelerator.log({f"{name}/loss": value, f"{name}/lr": lr_scheduler.get_last_lr()[0]}, step=step + 1)
             progress.update(bar, advance=1, loss=f"{value:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    _save_checkpoint(accelerator, ckpt_dir, step + 1, losses, cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, ckpt_dir, step + 1, losses, cfg.keep_checkpoints, ema)
     seconds = time.perf_counter() - began
     done = cfg.steps - start
     result = TrainResult(

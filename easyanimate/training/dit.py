@@ -242,3 +242,29 @@ def train_dit(
     with atomic_directory(out_dir) as tmp:
         accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
     return result
+
+
+@torch.no_grad()
+def render_samples(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir: Path) -> list[Path]:
+    """Videos for the fixed prompts and seeds of ``generate``, so stages compare by eye in MLflow."""
+    from easyanimate.data.video_io import write_video
+    from easyanimate.pipelines import EasyAnimatePipeline, make_scheduler
+
+    tokenizer, encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
+    pipe = EasyAnimatePipeline(
+        vae=SliceVAE.from_pretrained(vae_dir), transformer=EasyAnimateTransformer3DModel.from_pretrained(dit_dir),
+        text_encoder=encoder, tokenizer=tokenizer,
+        scheduler=make_scheduler(settings.generate.scheduler, dict(make_train_scheduler(settings).config)),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = settings.generate
+    paths = []
+    for i, prompt in enumerate(g.prompts):
+        frames = pipe(prompt, negative_prompt=g.negative_prompt or None, num_frames=g.num_frames, height=g.height,
+                      width=g.width, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
+                      generator=torch.Generator().manual_seed(g.seed + i), output_type="np",
+                      max_text_tokens=settings.dit.model.max_text_tokens).frames[0]
+        path = Path(out_dir) / f"sample_{i}.mp4"
+        write_video(frames, path, fps=g.fps)
+        paths.append(path)
+    return paths

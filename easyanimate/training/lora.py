@@ -1,4 +1,7 @@
-"""LoRA fine-tuning of the DiT through peft: small adapters on the attention projections."""
+"""LoRA fine-tuning of the DiT through peft: small adapters on the attention projections.
+
+Data: the curated clips, or ``lora.data_dir``, a folder of style images and/or videos with captions.
+"""
 
 from __future__ import annotations
 
@@ -16,30 +19,70 @@ from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.vae import SliceVAE
 from easyanimate.pipelines.pipeline_easyanimate import save_transformer_lora
 from easyanimate.training.common import TrainResult, make_accelerator, step_generator, train_loop
-from easyanimate.training.dit import TextBank, diffusion_loss, encode_windows, make_train_scheduler
+from easyanimate.training.dit import LatentBank, TextBank, diffusion_loss, encode_windows, make_train_scheduler
 from easyanimate.utils import atomic_directory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def load_image_folder(folder: Path, resolution: int) -> list[ClipFrames]:
-    """Images with a caption in ``<name>.txt`` beside each (EasyAnimate's few-image style sets)."""
+def _square_crop(frames: np.ndarray, resolution: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) already resized so the short side is ``resolution`` -> centre crop (T, 3, r, r)."""
+    top, left = (frames.shape[1] - resolution) // 2, (frames.shape[2] - resolution) // 2
+    crop = frames[:, top : top + resolution, left : left + resolution]
+    return torch.from_numpy(np.array(crop)).permute(0, 3, 1, 2).contiguous()
+
+
+def _short_side_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def load_style_folder(
+    folder: Path, resolution: int, sample_fps: float, video_suffixes: Sequence[str]
+) -> list[ClipFrames]:
+    """Images and/or videos with a caption in ``<name>.txt`` beside each (EasyAnimate's style sets).
+
+    Images become one-frame clips; videos are sampled at ``sample_fps``. Both are centre-cropped squares.
+    """
     from PIL import Image
 
+    from easyanimate.data.video_io import decode_frames, probe
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"lora.data_dir {folder} is not a folder")
+    suffixes = set(IMAGE_SUFFIXES) | {s.lower() for s in video_suffixes}
     items = []
-    for path in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes):
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text().strip() if caption_file.exists() else ""
-        image = Image.open(path).convert("RGB")
-        scale = resolution / min(image.size)
-        image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))))
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        frames = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).unsqueeze(0)
-        items.append(ClipFrames(path.stem, caption, float("nan"), frames))
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            image = Image.open(path).convert("RGB")
+            image = image.resize(_short_side_size(image.width, image.height, resolution))
+            frames = np.asarray(image)[None]
+        else:
+            info = probe(path)
+            times = list(np.arange(0.0, info.duration_s, 1.0 / sample_fps))
+            frames = decode_frames(path, times=times, size=_short_side_size(info.width, info.height, resolution))
+        items.append(ClipFrames(path.stem, caption, float("nan"), _square_crop(frames, resolution)))
     if not items:
-        raise ValueError(f"lora.data_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"lora.data_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) "
+                         f"or videos ({', '.join(video_suffixes)})")
     return items
+
+
+def build_latent_banks(vae: SliceVAE, items: Sequence[ClipFrames], num_frames: int, text: TextBank,
+                       seed: int) -> tuple[LatentBank, LatentBank]:
+    """``(image bank, video bank)``: single frames of every item, and ``num_frames`` windows of the videos.
+
+    Latents of one bank share a shape, so a batch always comes from one bank (as in EasyAnimate's
+    image/video mixing); with ``num_frames == 1`` the video bank is empty.
+    """
+    images = encode_windows(vae, items, 1, text, seed)
+    if num_frames == 1:
+        return images, LatentBank([], [])
+    videos = encode_windows(vae, [c for c in items if c.frames.shape[0] >= num_frames], num_frames, text, seed)
+    return images, videos
 
 
 def train_lora(
@@ -56,13 +99,17 @@ def train_lora(
     torch.manual_seed(cfg.seed)
     vae = SliceVAE.from_pretrained(vae_dir).eval().requires_grad_(False)
     if settings.lora.data_dir:
-        items = load_image_folder(settings.lora.data_dir, cfg.resolution)
+        items = load_style_folder(settings.lora.data_dir, cfg.resolution, cfg.sample_fps,
+                                  settings.curate.video_extensions)
     else:
         items = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps)
     text = TextBank.build(settings, [c.caption for c in items])
-    bank = encode_windows(vae, items, cfg.num_frames, text, cfg.seed)
-    if len(bank) == 0:
+    image_bank, video_bank = build_latent_banks(vae, items, cfg.num_frames, text, cfg.seed)
+    if len(image_bank) == 0:
         raise ValueError("lora: no training samples")
+    if cfg.num_frames > 1 and cfg.image_ratio < 1 and len(video_bank) == 0:
+        raise ValueError(f"lora: no video has lora.train.num_frames={cfg.num_frames} frames at "
+                         f"lora.train.sample_fps={cfg.sample_fps}; lower num_frames or set image_ratio: 1.0")
 
     model = EasyAnimateTransformer3DModel.from_pretrained(dit_dir)
     model.requires_grad_(False)
@@ -75,6 +122,7 @@ def train_lora(
 
     def compute_loss(dit: torch.nn.Module, step: int) -> torch.Tensor:
         rng = np.random.default_rng([cfg.seed, step])
+        bank = image_bank if len(video_bank) == 0 or rng.random() < cfg.image_ratio else video_bank
         picks = rng.integers(len(bank), size=cfg.batch_size)
         latents = torch.stack([bank.latents[i] for i in picks]).to(accelerator.device)
         ids = [bank.caption_ids[i] for i in picks]

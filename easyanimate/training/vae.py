@@ -1,25 +1,108 @@
-"""Slice VAE training: stage 1 trains encoder and decoder, stage 2 fine-tunes the decoder only."""
+"""Slice VAE training: stage 1 trains encoder and decoder, stage 2 fine-tunes the decoder only.
+
+Stage 1: L1 + KL + optional LPIPS + optional hinge-GAN (2D per-frame and 3D patch critics, VQGAN adaptive
+weight, from ``adversarial.disc_start_step``). Stage 2: L2 (+ the same optional GAN term) with the encoder and
+``quant_conv`` frozen, so latents the DiT is trained on do not move.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.tracking import GeneralTracker
+from diffusers.training_utils import EMAModel
 
-from easyanimate.config import Settings
+from easyanimate.config import Settings, VAETrainConfig, resolve_weight_path
 from easyanimate.data.datasets import ClipSampler, load_clip_frames
 from easyanimate.models.vae import SliceVAE
+from easyanimate.models.vae.reconstruct import valid_length
 from easyanimate.training.common import TrainResult, make_accelerator, step_generator, train_loop
+from easyanimate.training.losses import (
+    LPIPS,
+    VideoDiscriminator,
+    adaptive_weight,
+    hinge_d_loss,
+    hinge_g_loss,
+    kl_per_sample,
+)
 from easyanimate.utils import atomic_directory
+
+log = logging.getLogger(__name__)
 
 ENCODER_MODULES = ("encoder", "quant_conv")
 
 
 def build_vae(settings: Settings) -> SliceVAE:
     return SliceVAE(**settings.vae.model.model_dump())
+
+
+@dataclass(frozen=True)
+class PerceptualStatus:
+    enabled: bool
+    reason: str
+
+
+def perceptual_status(settings: Settings) -> PerceptualStatus:
+    """Whether stage 1 uses LPIPS, and why (its backbone weights only ever come from ``weights.lpips``)."""
+    if settings.vae.stage1.perceptual_weight <= 0:
+        return PerceptualStatus(False, "off: vae.stage1.perceptual_weight is 0")
+    if not settings.weights.lpips:
+        return PerceptualStatus(False, "off: weights.lpips is not set (no local LPIPS/VGG16 weights)")
+    return PerceptualStatus(True, f"on: {settings.weights.lpips}")
+
+
+def _load_perceptual(settings: Settings) -> LPIPS | None:
+    status = perceptual_status(settings)
+    if not status.enabled:
+        log.warning("VAE perceptual loss %s", status.reason)
+        return None
+    log.info("VAE perceptual loss %s", status.reason)
+    return LPIPS.from_file(resolve_weight_path(settings.weights.lpips, "weights.lpips"))
+
+
+class _Adversary:
+    """The discriminator, its optimiser, and both sides of the hinge game for one training step."""
+
+    def __init__(self, cfg: VAETrainConfig, in_channels: int, accelerator):
+        adv = cfg.adversarial
+        self.cfg = adv
+        disc = VideoDiscriminator(in_channels, adv.channels, adv.layers, adv.use_2d, adv.use_3d)
+        # Adam(0.5, 0.9) as in VQGAN/taming: GAN critics train poorly with the default momentum.
+        opt = torch.optim.Adam(disc.parameters(), lr=adv.learning_rate, betas=(0.5, 0.9))
+        # Prepared before train_loop's own prepare, so accelerate checkpoints and restores them with the run.
+        self.disc, self.opt = accelerator.prepare(disc, opt)
+        self.accelerator = accelerator
+
+    def active(self, step: int) -> bool:
+        return step >= self.cfg.disc_start_step
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float | None:
+        """One critic update on (real, detached fake); runs before the generator term so that term sees the
+        updated critic (an in-place update after would invalidate the generator's autograd graph)."""
+        self.disc.requires_grad_(True)
+        real_logits, fake_logits = self.disc(real), self.disc(fake.detach())
+        if not real_logits:
+            return None
+        loss = hinge_d_loss(real_logits, fake_logits)
+        self.accelerator.backward(loss)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def generator_loss(self, fake: torch.Tensor) -> torch.Tensor | None:
+        self.disc.requires_grad_(False)
+        logits = self.disc(fake)
+        return hinge_g_loss(logits) if logits else None
+
+
+def _decoder_last_layer(vae: torch.nn.Module, accelerator) -> torch.Tensor:
+    return accelerator.unwrap_model(vae).decoder.conv_out.weight
 
 
 def train_vae(
@@ -38,42 +121,120 @@ def train_vae(
     name = f"vae_stage{stage}"
     torch.manual_seed(cfg.seed)
     if stage == 1:
-        model = build_vae(settings)
+        # init_dir warm-starts stage 1 (retraining continues from the champion's VAE).
+        model = SliceVAE.from_pretrained(init_dir) if init_dir is not None else build_vae(settings)
     else:
         if init_dir is None:
             raise ValueError("VAE stage 2 starts from the stage 1 model: pass init_dir")
         model = SliceVAE.from_pretrained(init_dir)
         for module in ENCODER_MODULES:
             getattr(model, module).requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     SliceVAE.check_num_frames(cfg.num_frames)
     clips = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps)
     sampler = ClipSampler(clips, cfg.num_frames, cfg.image_ratio, cfg.seed)
+    # bf16/fp16 only take effect on GPU: make_accelerator forces full precision on CPU.
     accelerator = make_accelerator(settings.vae.mixed_precision, trackers)
+    perceptual = _load_perceptual(settings) if stage == 1 else None
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
+    adversary = _Adversary(cfg, model.config.in_channels, accelerator) if cfg.adversarial.enabled else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = EMAModel(trainable, decay=cfg.ema_decay)
+        ema.to(accelerator.device)
 
     def compute_loss(vae: torch.nn.Module, step: int) -> torch.Tensor:
         x, _ = sampler.batch(step, cfg.batch_size)
         x = x.to(accelerator.device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=step_generator(cfg.seed, step, x.device))
-        recon = vae.decode(z).sample
-        if stage == 1:
-            # L1 reconstruction + a tiny KL (summed per sample, weight 1e-6 in the paper) keeps latents near N(0, I).
-            kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar)
-            kl_per_sample = kl.flatten(1).sum(dim=1).mean()
-            return F.l1_loss(recon, x) + settings.vae.stage1.kl_weight * kl_per_sample
-        return F.mse_loss(recon, x)
+        with accelerator.autocast():
+            # encode/decode bypass the prepared forward(), so autocast (bf16 on GPU) is entered here.
+            with torch.set_grad_enabled(stage == 1):
+                posterior = vae.encode(x).latent_dist
+                z = posterior.sample(generator=step_generator(cfg.seed, step, x.device))
+            recon = vae.decode(z).sample
+            parts: dict[str, float] = {}
+            if stage == 1:
+                rec = F.l1_loss(recon.float(), x)
+                if perceptual is not None:
+                    p_loss = perceptual(recon.float(), x)
+                    parts["perceptual"] = float(p_loss.detach())
+                    rec = rec + settings.vae.stage1.perceptual_weight * p_loss
+                kl = kl_per_sample(posterior)
+                parts["kl"] = float(kl.detach())
+                loss = rec + settings.vae.stage1.kl_weight * kl
+            else:
+                rec = F.mse_loss(recon.float(), x)
+                loss = rec
+            parts["rec_loss"] = float(rec.detach())
+            if adversary is not None and adversary.active(step):
+                d_loss = adversary.discriminator_step(x, recon)
+                g_loss = adversary.generator_loss(recon)
+                if d_loss is not None and g_loss is not None:
+                    weight = adaptive_weight(rec, g_loss, _decoder_last_layer(vae, accelerator),
+                                             cfg.adversarial.max_adaptive_weight)
+                    loss = loss + cfg.adversarial.weight * weight * g_loss
+                    parts.update(d_loss=d_loss, g_loss=float(g_loss.detach()), adaptive_weight=float(weight))
+        accelerator.log({f"{name}/{k}": v for k, v in parts.items()}, step=step + 1)
+        return loss
 
     result = train_loop(
         accelerator=accelerator,
         model=model,
-        trainable=model.parameters(),
+        trainable=trainable,
         cfg=cfg,
         compute_loss=compute_loss,
         ckpt_dir=ckpt_dir,
         name=name,
         tracker_config=cfg.model_dump(mode="json"),
         show_progress=show_progress,
+        lr_schedule=cfg.lr_scheduler,
+        ema=ema,
     )
+    trained = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(trainable)
     with atomic_directory(out_dir) as tmp:
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        trained.save_pretrained(tmp, safe_serialization=True)
     return result
+
+
+# ------------------------------------------------------------------------------------------ held-out check
+def side_by_side(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 pair -> (T, H, 2W, 3): original left, reconstruction right."""
+    return np.concatenate([original, reconstruction], axis=2)
+
+
+@torch.no_grad()
+def evaluate_vae(settings: Settings, vae_dir: Path, curated_dir: Path, out_dir: Path, resolution: int,
+                 sample_fps: float) -> tuple[dict[str, float], list[Path]]:
+    """PSNR/SSIM of reconstructions of the manifest's ``val`` clips (never trained on) and a side-by-side mp4.
+
+    Returns ``({"vae_psnr": .., "vae_ssim": .., "vae_eval_clips": ..}, [video path])``; no val clips -> empty.
+    """
+    from easyanimate.data.video_io import write_video
+    from easyanimate.evaluation.metrics import psnr, ssim
+
+    ev = settings.vae.eval
+    clips = load_clip_frames(curated_dir, "val", resolution, sample_fps)[: ev.max_clips]
+    if not clips:
+        log.warning("no val clips in %s: skipping the VAE's held-out evaluation", curated_dir)
+        return {}, []
+    vae = SliceVAE.from_pretrained(vae_dir).eval()
+    psnrs, ssims, panels = [], [], []
+    for clip in clips:
+        frames = clip.frames.permute(0, 2, 3, 1).numpy()  # (T, H, W, 3)
+        length = valid_length(frames.shape[0], ev.num_frames)
+        original = np.ascontiguousarray(frames[:length])
+        recon = vae.reconstruct_video(original)
+        psnrs.append(psnr(original, recon))
+        ssims.append(ssim(original, recon))
+        panels.append(side_by_side(original, recon))
+    video = out_dir / "reconstruction_side_by_side.mp4"
+    # Clips may differ in length; the panel video plays them one after another.
+    write_video(np.concatenate(panels, axis=0), video, fps=ev.fps)
+    metrics = {"vae_psnr": float(np.mean(psnrs)), "vae_ssim": float(np.mean(ssims)), "vae_eval_clips": float(len(clips))}
+    return metrics, [video]
+

@@ -22,8 +22,9 @@ activation memory bounded by the slice size.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -33,7 +34,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import nn
 
-__all__ = ["SliceVAE", "CausalConv3d"]
+__all__ = ["SliceVAE", "CausalConv3d", "TEMPORAL_COMPRESSION"]
 
 TEMPORAL_COMPRESSION = 4
 
@@ -375,6 +376,62 @@ class SliceVAE(ModelMixin, ConfigMixin):
         if not return_dict:
             return (sample,)
         return DecoderOutput(sample=sample)
+
+    # --------------------------------------------------------------- streaming
+    @torch.no_grad()
+    def reconstruct_video(
+        self,
+        frames: np.ndarray,
+        out: np.ndarray | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Encode then decode uint8 ``(T, H, W, 3)`` frames slice by slice, writing into uint8 ``out``.
+
+        Only one encoder slice of float input and one decoder slice of float output exist at a time, so peak
+        memory beyond the uint8 frames themselves does not grow with T. Uses the posterior mode. ``callback(done,
+        total)`` counts slices (encoder and decoder) for progress bars. Same result as ``decode(encode(x).mode())``.
+        """
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != self.config.in_channels:
+            raise ValueError(f"frames must be uint8 (T, H, W, {self.config.in_channels}); got {frames.dtype} {frames.shape}")
+        t, h, w, _ = frames.shape
+        self.check_num_frames(t)
+        if h % self.spatial_compression or w % self.spatial_compression:
+            raise ValueError(f"frame height/width must be multiples of {self.spatial_compression}; got {h}x{w}")
+        if out is None:
+            out = np.empty_like(frames)
+        elif out.shape != frames.shape or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 of shape {frames.shape}")
+        enc_step, dec_step = self.config.encoder_slice_frames, self.config.decoder_slice_latents
+        latent_t = self.latent_num_frames(t)
+        total = -(-t // enc_step) + -(-latent_t // dec_step)
+        done = 0
+        device, dtype = self.device, self.dtype
+
+        def to_input(chunk: np.ndarray) -> torch.Tensor:
+            x = torch.from_numpy(chunk).to(device=device, dtype=dtype).div_(127.5).sub_(1.0)
+            return x.permute(3, 0, 1, 2).unsqueeze(0)  # (1, C, t, H, W)
+
+        moments = []
+        with self._feature_cache(self.encoder):
+            for i in range(0, t, enc_step):
+                moments.append(self._encode(to_input(frames[i : i + enc_step])))
+                done += 1
+                if callback:
+                    callback(done, total)
+        z = DiagonalGaussianDistribution(torch.cat(moments, dim=2)).mode()
+        del moments
+        is_image = t == 1
+        frames_per_latent = 1 if is_image else TEMPORAL_COMPRESSION
+        with self._feature_cache(self.decoder):
+            for j in range(0, latent_t, dec_step):
+                y = self._decode(z[:, :, j : j + dec_step], is_image)[0]
+                start = j * frames_per_latent
+                pixels = y.float().clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
+                out[start : start + y.shape[1]] = pixels.permute(1, 2, 3, 0).cpu().numpy()
+                done += 1
+                if callback:
+                    callback(done, total)
+        return out
 
     def forward(
         self,

@@ -1,0 +1,112 @@
+"""Scheduled retraining: curate only what is new, continue from the champion, evaluate, promote.
+
+New data arrives as video files in ``paths.raw_videos`` (a watched folder, or a folder a
+``dvc update``/``dvc pull`` of a data repo refreshes). Curation is incremental by construction: each
+finished video has a record in ``<curated>/records/`` (DVC-tracked with the curated data), so only
+videos without one are processed. Training then warm-starts VAE stage 1 and DiT stage 1 from the
+current champion's weights (``retrain.from_champion``) instead of fresh models; evaluation and
+promotion run as in the pipeline. The library never talks to MLflow: this flow resolves the champion,
+downloads its pipeline folder and hands the folder over through ``retrain.init_pipeline``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect import flow, task
+
+from easyanimate.config import PARAMS_ENV, Settings, load_settings
+from easyanimate.utils import atomic_directory, atomic_write_text
+from flows.common import settings_from, setup_mlflow
+from flows.pipeline import pipeline_flow
+
+
+def uncurated_videos(settings: Settings) -> list[str]:
+    """Raw videos that have no curation record yet: the ones this run will actually curate."""
+    from easyanimate.data.curate import list_videos, record_path
+    from easyanimate.data.manifest import file_hash
+
+    raw = settings.paths.raw_videos
+    if not raw.is_dir():
+        raise FileNotFoundError(f"raw video folder not found: {raw} (paths.raw_videos)")
+    return [v.name for v in list_videos(raw, settings)
+            if not record_path(settings.paths.curated, file_hash(v), settings).exists()]
+
+
+def champion_version(client: MlflowClient, settings: Settings) -> str | None:
+    name, alias = settings.registry.model_name, settings.registry.champion_alias
+    models = client.search_registered_models(filter_string=f"name = '{name}'")
+    if not models or alias not in (models[0].aliases or {}):
+        return None
+    return str(models[0].aliases[alias])
+
+
+@task(name="download-champion", retries=2, retry_delay_seconds=5)
+def download_pipeline(settings: Settings, version: str) -> Path:
+    """The champion's pipeline folder (``model_index.json``, ``vae/``, ``transformer/``…), downloaded once."""
+    import mlflow
+
+    name = settings.registry.model_name
+    dest = (settings.retrain.download_dir / f"{name}-v{version}").resolve()
+    if not dest.exists():
+        with atomic_directory(dest) as tmp:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+    found = sorted(dest.rglob("model_index.json"))
+    if not found:
+        raise FileNotFoundError(f"models:/{name}/{version} holds no pipeline folder (no model_index.json)")
+    return found[0].parent
+
+
+def warm_start_params(params_path: str | None, init_pipeline: Path, settings: Settings, label: str) -> str:
+    """A copy of the params file that adds ``retrain.init_pipeline`` (every subflow reads the params file)."""
+    source = Path(params_path or os.environ.get(PARAMS_ENV, "params.yaml"))
+    params = yaml.safe_load(source.read_text()) if source.exists() else {}
+    params = params or {}
+    params.setdefault("retrain", {})["init_pipeline"] = str(init_pipeline)
+    out = settings.retrain.download_dir / f"params-{label}.yaml"
+    atomic_write_text(out, "# written by flows/retrain.py: " + str(source) + " + the champion as warm start\n"
+                      + yaml.safe_dump(params, sort_keys=False))
+    load_settings(out)  # fail here, not in the fifth subflow
+    return str(out)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain_flow(params_path: str | None = None, from_champion: bool | None = None,
+                 version_data: bool = True) -> dict:
+    """The whole pipeline, incremental: new videos only, warm start from ``@champion`` when there is one."""
+    from easyanimate.stages import warm_start_mismatches
+
+    settings = settings_from(params_path)
+    client = setup_mlflow(settings)
+    new_videos = uncurated_videos(settings)
+    print(f"{len(new_videos)} raw video(s) to curate: {', '.join(new_videos) or 'none (all cached)'}")
+
+    warm = settings.retrain.from_champion if from_champion is None else from_champion
+    init_from, run_params = "scratch: retrain.from_champion is false", params_path
+    if warm:
+        version = champion_version(client, settings)
+        name, alias = settings.registry.model_name, settings.registry.champion_alias
+        if version is None:
+            init_from = f"scratch: no models:/{name}@{alias} yet"
+        else:
+            pipeline_dir = download_pipeline(settings, version)
+            problems = warm_start_mismatches(settings, pipeline_dir)
+            if problems:
+                # A deliberate architecture change cannot continue old weights: retrain from scratch, say why.
+                init_from = f"scratch: models:/{name}/{version} does not fit the settings ({'; '.join(problems)})"
+            else:
+                init_from = f"models:/{name}/{version}"
+                run_params = warm_start_params(params_path, pipeline_dir, settings, f"{name}-v{version}")
+    print(f"training starts from {init_from}")
+
+    summary = pipeline_flow(run_params, version_data=version_data)
+    client.set_tag(summary["mlflow_parent_run"], "retrain.init_from", init_from)
+    client.set_tag(summary["mlflow_parent_run"], "retrain.new_videos", ",".join(new_videos) or "none")
+    registered = summary["registered_model"]  # models:/NAME/VERSION
+    if registered:
+        model, version = registered.removeprefix("models:/").rsplit("/", 1)
+        client.set_model_version_tag(model, version, "warm_start", init_from)
+    return {**summary, "init_from": init_from, "new_videos": new_videos}
