@@ -31,12 +31,8 @@ SIZE = 32  # smallest side the tiny DiT (VAE /8, patch 2) takes with more than o
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are a few thousand parameters: one thread is fastest, and immune to other busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def flat(rgb, n: int = 1, size: int = SIZE) -> torch.Tensor:

@@ -16,12 +16,8 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one thread is fastest, and immune to other busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

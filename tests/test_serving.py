@@ -41,12 +41,8 @@ GENERATE = GenerateConfig(height=32, width=32, num_inference_steps=2, max_side=2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one thread is fastest for the in-process predictions, and immune to other busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
