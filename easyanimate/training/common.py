@@ -190,7 +190,7 @@ def train_loop(
         resumed_from=start,
         samples_per_second=(done * cfg.batch_size / seconds) if seconds > 0 and done else 0.0,
     )
-    accelerator.log(result.metrics(name), step=cfg.steps)
+    # Summary metrics go back in the result; the caller logs them once (per-step ones went via trackers).
     accelerator.end_training()
     return result
 
