@@ -14,6 +14,9 @@ Modes:
             float output tensors themselves grow with T.
   full      slicing off: every activation spans all frames.
 The goal (EasyAnimate's Slice VAE claim): with slicing, peak(128 frames) / peak(16 frames) <= 1.25.
+
+A last line measures spatial tiling: ``streamed`` with and without ``enable_tiling()`` (the preset's
+``vae.model.tile_sample_size`` tiles, overlap-blended) at a larger frame (``--tile-frame-size``, 512x512, 16 frames).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 
 MODES = ("streamed", "sliced", "full")
+TILED = "tiled"  # streamed with spatial tiling on
 
 
 def _rss_bytes() -> int:
@@ -43,13 +47,15 @@ def child(preset: str, size: int, frames: int, mode: str) -> dict:
     torch.manual_seed(0)
     settings = load_settings(preset=preset)
     vae = SliceVAE(**settings.vae.model.model_dump()).eval()
+    if mode == TILED:
+        vae.enable_tiling()
     video = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
     # Warm up kernels on a tiny input so one-off allocator/oneDNN setup is in the baseline, not the peak.
     vae.reconstruct_video(video[:8, :64, :64].copy())
     before = _rss_bytes()
     began = time.perf_counter()
     with torch.no_grad():
-        if mode == "streamed":
+        if mode in ("streamed", TILED):
             out = vae.reconstruct_video(video)
         else:
             sliced = mode == "sliced"
@@ -70,6 +76,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--frames", type=int, nargs=2, default=(16, 128))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--tile-frame-size", type=int, default=512, help="frame size of the tiled vs untiled line")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -81,12 +88,15 @@ def main() -> None:
     print(f"Slice VAE ({args.preset} preset) encode+decode at {args.size}x{args.size}; {short} vs {long} frames "
           f"(valid lengths: 1 or multiples of 4 >= 8, so not 17/129). Fresh process per row.")
     print(f"{'mode':9s} {'frames':>6s} {'peak MB':>9s} {'above base MB':>14s} {'uint8 in+out MB':>16s} {'seconds':>8s}")
+    def run_child(size: int, frames: int, mode: str) -> dict:
+        proc = subprocess.run([sys.executable, __file__, "--child", args.preset, str(size), str(frames), mode],
+                              capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     results: dict[tuple[str, int], dict] = {}
     for mode in args.modes:
         for frames in (short, long):
-            proc = subprocess.run([sys.executable, __file__, "--child", args.preset, str(args.size), str(frames), mode],
-                                  capture_output=True, text=True, check=True)
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = run_child(args.size, frames, mode)
             results[(mode, frames)] = row
             print(f"{mode:9s} {frames:6d} {row['peak_mb']:9.0f} {row['above_baseline_mb']:14.0f} "
                   f"{row['io_uint8_mb']:16.1f} {row['seconds']:8.1f}", flush=True)
@@ -96,6 +106,17 @@ def main() -> None:
         print(f"  {mode:9s} process peak {b['peak_mb'] / a['peak_mb']:.2f}   "
               f"above baseline {b['above_baseline_mb'] / max(a['above_baseline_mb'], 1e-9):.2f}")
     print("goal: streamed/sliced process-peak ratio <= 1.25")
+
+    from easyanimate.config import load_settings
+
+    tile = load_settings(preset=args.preset).vae.model.tile_sample_size
+    big = args.tile_frame_size
+    plain, tiled = (run_child(big, short, mode) for mode in ("streamed", TILED))
+    print(f"\ntiling at {big}x{big}, {short} frames (streamed, {tile} px tiles): peak MB untiled "
+          f"{plain['peak_mb']:.0f} ({plain['above_baseline_mb']:.0f} above base, {plain['seconds']:.1f} s), tiled "
+          f"{tiled['peak_mb']:.0f} ({tiled['above_baseline_mb']:.0f} above base, {tiled['seconds']:.1f} s); "
+          f"ratio tiled/untiled process peak {tiled['peak_mb'] / plain['peak_mb']:.2f}, above baseline "
+          f"{tiled['above_baseline_mb'] / max(plain['above_baseline_mb'], 1e-9):.2f}")
 
 
 if __name__ == "__main__":

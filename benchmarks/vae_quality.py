@@ -46,10 +46,15 @@ def train(curated: Path, work: Path, args) -> tuple[Path, float]:
 
     common = {"batch_size": args.batch_size, "resolution": args.resolution, "num_frames": 8,
               "image_ratio": args.image_ratio, "sample_fps": args.fps, "lr_scheduler": "cosine",
-              "warmup_steps": args.warmup, "checkpoint_every": 10**6}
+              "warmup_steps": args.warmup, "checkpoint_every": 10**6,
+              "augment": {"random_crop": args.random_crop, "scales": args.scales, "hflip": args.hflip}}
+    model_overrides = {"latent_channels": args.latent_channels} if args.latent_channels else {}
+    if args.pixel_shortcut is not None:
+        model_overrides["pixel_shortcut"] = args.pixel_shortcut
     settings = load_settings(preset="tiny", overrides={
         "paths": {"checkpoints": str(work / "ckpt"), "reports": str(work / "reports")},
-        "vae": {"stage1": {**common, "steps": args.stage1_steps, "learning_rate": args.stage1_lr},
+        "vae": {"model": model_overrides,
+                "stage1": {**common, "steps": args.stage1_steps, "learning_rate": args.stage1_lr},
                 "stage2": {**common, "steps": args.stage2_steps, "learning_rate": args.stage2_lr}},
     })
     began = time.perf_counter()
@@ -79,16 +84,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--image-ratio", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0])
+    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--latent-channels", type=int, help="override the tiny preset's latent channels")
+    parser.add_argument("--pixel-shortcut", action=argparse.BooleanOptionalAction, default=None,
+                        help="override the tiny preset's vae.model.pixel_shortcut")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    val = load_clip_frames(args.curated, "val", args.resolution, args.fps)
-    if not val:
+    def eval_clips(split: str) -> list[np.ndarray]:
+        out = []
+        for clip in load_clip_frames(args.curated, split, args.resolution, args.fps):
+            frames = clip.frames.permute(0, 2, 3, 1).numpy()
+            out.append(np.ascontiguousarray(frames[: valid_length(len(frames), args.eval_frames)]))
+        return out
+
+    clips, seen = eval_clips("val"), eval_clips("train")
+    if not clips:
         raise SystemExit(f"{args.curated} has no val clips")
-    clips = []
-    for clip in val:
-        frames = clip.frames.permute(0, 2, 3, 1).numpy()
-        clips.append(np.ascontiguousarray(frames[: valid_length(len(frames), args.eval_frames)]))
     print(f"held-out: {len(clips)} val clip(s), {[len(c) for c in clips]} frames at {args.resolution}px, {args.fps} fps")
 
     train_seconds = None
@@ -99,11 +113,13 @@ def main() -> None:
         vae = SliceVAE.from_pretrained(model_dir).eval()
         s, t = vae.spatial_compression, vae.temporal_compression
         vae_psnr, vae_ssim = score(clips, vae.reconstruct_video)
+        seen_psnr, seen_ssim = score(seen, vae.reconstruct_video) if seen else (float("nan"), float("nan"))
     base_psnr, base_ssim = score(clips, lambda c: naive_codec(c, s, t))
 
     print(f"\n{'codec':34s} {'PSNR dB':>8s} {'SSIM':>7s}")
     print(f"{'Slice VAE (' + str(model_dir if args.model else 'trained here') + ')':34s} {vae_psnr:8.2f} {vae_ssim:7.3f}")
     print(f"{f'naive area {s}x{s}x{t} + trilinear':34s} {base_psnr:8.2f} {base_ssim:7.3f}")
+    print(f"{'(Slice VAE on its training clips)':34s} {seen_psnr:8.2f} {seen_ssim:7.3f}")
     margin = vae_psnr - base_psnr
     print(f"\nVAE - baseline: {margin:+.2f} dB PSNR (goal >= +3 dB: {'met' if margin >= 3 else 'NOT met'})")
     if train_seconds is not None:

@@ -243,6 +243,9 @@ def vae_reconstruct(src: Path = typer.Argument(..., exists=True, dir_okay=False,
                     frames: Optional[int] = typer.Option(None, help="at most this many frames (default: all)"),
                     size: Optional[int] = typer.Option(None, help="short side in pixels (default: vae.stage2.resolution)"),
                     fps: Optional[float] = typer.Option(None, help="sampling rate (default: vae.stage2.sample_fps)"),
+                    tile: bool = typer.Option(False, "--tile/--no-tile",
+                                              help="overlapping spatial tiles of the model's tile_sample_size "
+                                                   "(bounded memory for large frames; approximate)"),
                     params: Optional[Path] = ParamsOpt) -> None:
     """Encode and decode a video through the Slice VAE (slice by slice, bounded memory)."""
     settings = _settings(params)
@@ -256,6 +259,8 @@ def vae_reconstruct(src: Path = typer.Argument(..., exists=True, dir_okay=False,
     from easyanimate.models.vae.reconstruct import reconstruct_file
 
     vae = SliceVAE.from_pretrained(model_dir).eval()
+    if tile:
+        vae.enable_tiling()
     with Progress(TextColumn("[bold]vae reconstruct"), BarColumn(), TextColumn("{task.completed}/{task.total} slices"),
                   TimeRemainingColumn()) as progress:
         bar = progress.add_task("slices", total=None)

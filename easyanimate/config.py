@@ -142,6 +142,13 @@ class VAEModelConfig(_Section):
     scaling_factor: float = 0.18215
     encoder_slice_frames: int = Field(8, ge=4)
     decoder_slice_latents: int = Field(2, ge=1)
+    # Residual autoencoding (as in DC-AE, arXiv 2410.10733): the first latent channels carry each cell's mean
+    # colour and the decoder adds them back upsampled, so the networks learn only the detail. Off in the paper
+    # preset (EasyAnimate's VAE has none); on in tiny, where training is CPU-minutes on a few clips.
+    pixel_shortcut: bool = False
+    # Spatial tiling geometry; whether to tile is a runtime switch (SliceVAE.enable_tiling, CLI --tile).
+    tile_sample_size: int = Field(256, ge=8, description="tile edge in pixels, a multiple of the spatial compression")
+    tile_overlap_factor: float = Field(0.25, ge=0, le=0.5, description="share of a tile that overlaps its neighbour")
 
 
 class TrainStageConfig(_Section):
@@ -174,16 +181,37 @@ class VAEAdversarialConfig(_Section):
     learning_rate: float = Field(1e-4, gt=0)
 
 
+class VAEAugmentConfig(_Section):
+    """Random crops at several scales and mirroring: a few clips then yield many distinct training patches."""
+
+    random_crop: bool = Field(False, description="random resolution-sized crops instead of the centre square")
+    scales: tuple[float, ...] = Field((1.0,), min_length=1, description="short side = resolution x scale, one decode each")
+    hflip: bool = False
+
+    @model_validator(mode="after")
+    def _scales(self) -> "VAEAugmentConfig":
+        if any(s < 1.0 for s in self.scales):
+            raise ValueError("scales must be >= 1 (a crop of `resolution` px must fit the short side)")
+        if len(self.scales) > 1 and not self.random_crop:
+            raise ValueError("several scales need random_crop: true (a centre crop at each scale is one view)")
+        return self
+
+
 class VAETrainConfig(TrainStageConfig):
     lr_scheduler: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights; None = off")
     gradient_checkpointing: bool = False
     adversarial: VAEAdversarialConfig = VAEAdversarialConfig()
+    augment: VAEAugmentConfig = VAEAugmentConfig()
 
 
 class VAEStage1Config(VAETrainConfig):
     kl_weight: float = Field(1e-6, ge=0)
     perceptual_weight: float = Field(1.0, ge=0, description="LPIPS weight; used only when weights.lpips is set")
+    # After training, scaling_factor = 1 / std of the training latents (as Stable Diffusion derived 0.18215 for
+    # its VAE), so the DiT sees unit-variance latents; stage 2 keeps the encoder and so the factor.
+    fit_scaling_factor: bool = True
+    scaling_batches: int = Field(8, ge=1, description="training batches the latent std is measured on")
 
 
 class VAEStage2Config(VAETrainConfig):
@@ -228,16 +256,49 @@ class DiTModelConfig(_Section):
         return self
 
 
-class DiTStage1Config(TrainStageConfig):
+class BucketConfig(_Section):
+    """Aspect-ratio and frame-count buckets (easyanimate/data/buckets.py): each clip is resized to cover the
+    bucket nearest its aspect ratio (about resolution**2 pixels) and loses only the remainder to a centre crop,
+    instead of a square centre crop; every batch comes from one bucket."""
+
+    enabled: bool = True
+    aspect_ratios: tuple[str, ...] = Field(("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16"), min_length=1,
+                                           description="width:height of each bucket")
+    frame_buckets: tuple[int, ...] = Field(
+        (8, 16, 24, 32, 48, 64, 96, 144),
+        description="frame counts (multiples of 4, >= 8) a clip shorter than num_frames is cut to; "
+                    "num_frames itself is always a bucket, larger entries are ignored")
+
+    @model_validator(mode="after")
+    def _valid(self) -> "BucketConfig":
+        for spec in self.aspect_ratios:
+            sides = spec.split(":")
+            try:
+                ok = len(sides) == 2 and all(float(x) > 0 for x in sides)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"aspect ratio {spec!r} is not 'width:height' with positive sides (e.g. '16:9')")
+        bad = [f for f in self.frame_buckets if f < 8 or f % 4]
+        if bad:
+            raise ValueError(f"frame_buckets {bad} are not multiples of 4 that are >= 8 (what the VAE encodes)")
+        return self
+
+
+class DiTTrainStageConfig(TrainStageConfig):
+    buckets: BucketConfig = BucketConfig()
+
+
+class DiTStage1Config(DiTTrainStageConfig):
     image_ratio: float = 1.0
     num_frames: int = 1
 
 
-class DiTStage2Config(TrainStageConfig):
+class DiTStage2Config(DiTTrainStageConfig):
     pass
 
 
-class DiTStage3Config(TrainStageConfig):
+class DiTStage3Config(DiTTrainStageConfig):
     min_aesthetic: float = Field(4.0, ge=0, le=10, description="stricter threshold for the best data")
 
 
@@ -252,13 +313,18 @@ class DiTConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
+class LoRATrainConfig(DiTTrainStageConfig):
+    # No frame buckets by default: style videos train at exactly num_frames unless shorter counts are listed.
+    buckets: BucketConfig = BucketConfig(frame_buckets=())
+
+
 class LoRAConfig(_Section):
     rank: int = Field(8, ge=1)
     alpha: int = Field(8, ge=1)
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     data_dir: Path | None = Field(None, description="style images and/or videos with <name>.txt captions; "
                                                    "None trains on the curated clips")
-    train: TrainStageConfig = TrainStageConfig(num_frames=1, image_ratio=1.0)
+    train: LoRATrainConfig = LoRATrainConfig(num_frames=1, image_ratio=1.0)
     registered_model: str = Field("easyanimate-lora", description="MLflow registered model holding the adapters")
     default_scale: float = Field(1.0, ge=0, description="adapter scale the registered LoRA model serves with")
 
@@ -287,6 +353,10 @@ class EvaluateConfig(_Section):
     min_vae_psnr: float = 10.0
     max_val_loss: float = 2.0
     max_flicker: float = 0.5
+    # Caption retrieval on the training clips (easyanimate/evaluation/retrieval.py): share of captions whose
+    # generated video is nearest its own clip. 0 = report only.
+    retrieval_max_captions: int = Field(8, ge=0, description="0 turns the check off")
+    min_caption_retrieval: float = Field(0.0, ge=0, le=1)
 
 
 class PromotionConfig(_Section):

@@ -286,6 +286,23 @@ def test_split_deterministic_with_val(curated):
     assert len(build_manifest(fake + fake, settings)) == 5
 
 
+def test_split_keeps_scenes_together(curated):
+    """Pieces of one long scene are near-copies: they must all land on the same side of the split."""
+    df, _, settings = curated
+    row = df[df["status"] == "accepted"].iloc[0].to_dict()
+    fake = [dict(row, clip_id=f"c{scene}-{piece}", scene_id=f"s{scene}", status="accepted")
+            for scene in range(12) for piece in range(3)]
+    m = build_manifest(fake, settings)
+    per_scene = m.groupby("scene_id")["split"].nunique()
+    assert (per_scene == 1).all()
+    assert set(m["split"]) == {"train", "val"}
+
+
+def test_plans_carry_their_scene():
+    plans = plan_clips([(0.0, 2.0), (2.0, 31.0)], SceneConfig(trim_tail_s=0.5, min_duration_s=3.0, max_duration_s=10.0))
+    assert [p.scene for p in plans] == [(0.0, 2.0)] + [(2.0, 31.0)] * 3
+
+
 def test_gate_passes_on_good_manifest(curated):
     df, out, settings = curated
     result = run_quality_gate(df, settings, out)

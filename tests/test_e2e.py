@@ -182,7 +182,9 @@ def test_failed_quality_gate_stops_before_training(tmp_path):
     import pandas as pd
 
     manifest = pd.read_parquet(project / "data" / "curated" / "manifest.parquet")
-    assert set(manifest["reject_reason"]) == {"no_caption"}
+    # The one usable clip has no caption; the scene's tail piece is too short.
+    assert set(manifest["reject_reason"]) == {"no_caption", "too_short"}
+    assert (manifest["status"] == "accepted").sum() == 0
 
 
 def test_cli_curate_writes_manifest_and_clips(tmp_path):

@@ -126,12 +126,13 @@ def test_training_datasets_never_include_val_clips(project, monkeypatch):
         monkeypatch.setattr(module, "load_clip_frames", recording_load)
     save_tiny_models(settings)  # the frozen VAE / DiT that DiT stage 1 and LoRA start from
     # One call per training function (the other stages of each share its loading code).
-    for trainer, run in (("train_vae", lambda: run_vae_stage(settings, 1, show_progress=False)),
-                         ("train_dit", lambda: run_dit_stage(settings, 1, show_progress=False)),
-                         ("train_lora", lambda: run_lora_stage(settings, show_progress=False))):
+    # The VAE loads through its helper (which also decodes the augmentation scales).
+    for trainer, run in ((("train_vae", "_training_clips"), lambda: run_vae_stage(settings, 1, show_progress=False)),
+                         (("train_dit",), lambda: run_dit_stage(settings, 1, show_progress=False)),
+                         (("train_lora",), lambda: run_lora_stage(settings, show_progress=False))):
         loads.clear()
         run()
-        training = [(split, ids) for caller, split, ids in loads if caller == trainer]
+        training = [(split, ids) for caller, split, ids in loads if caller in trainer]
         assert training, f"{trainer} loaded no clips through load_clip_frames: the spy missed its data path"
         for split, ids in training:
             assert split == "train" and ids, (trainer, split, ids)
@@ -190,3 +191,20 @@ def test_protocol_hash_follows_metric_settings_not_gates(project):
     other = tiny_settings(root, curated, evaluate={"val_timesteps": [10, 990]})
     assert evaluation_protocol_hash(same) == evaluation_protocol_hash(settings)
     assert evaluation_protocol_hash(other) != evaluation_protocol_hash(settings)
+
+
+def test_caption_retrieval_scores_own_clip_nearest():
+    """A caption hits only when its own clip(s) are strictly nearer than every other clip."""
+    from easyanimate.evaluation.retrieval import RetrievalResult
+
+    distances = np.array([
+        [0.1, 0.5, 0.6, 0.7],  # own clip 0 nearest: hit
+        [0.4, 0.3, 0.2, 0.9],  # own clip 1, clip 2 nearer: miss
+        [0.5, 0.5, 0.9, 0.2],  # shared caption of clips 2 and 3: the nearer of them (3) wins: hit
+        [0.3, 0.3, 0.9, 0.9],  # tie with another clip is not a hit
+    ])
+    result = RetrievalResult(["a", "b", "c", "d"], ["k0", "k1", "k2", "k3"], distances,
+                             [{0}, {1}, {2, 3}, {0}])
+    assert result.hits == [True, False, True, False]
+    assert result.rate == 0.5
+    assert result.table()[1]["nearest_clip"] == "k2"

@@ -187,3 +187,23 @@ def test_cli_vae_reconstruct(tmp_path):
     bad = CliRunner().invoke(app, ["vae", "reconstruct", str(SAMPLES / "trailer_bbb.mp4"), str(out),
                                    "--model", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "not a saved VAE" in bad.output
+
+
+def test_stage1_fits_the_scaling_factor_and_stage2_keeps_it(curated, tmp_path):
+    """scaling_factor = 1 / std of the training latents, so the DiT sees unit-variance latents."""
+    from easyanimate.data.datasets import ClipSampler, load_clip_frames
+    from easyanimate.models.vae import SliceVAE
+
+    settings = make_settings(tmp_path, stage1={"steps": 1, "scaling_batches": 4, "image_ratio": 0.0})
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    train_vae(settings, 1, curated, s1, tmp_path / "c1", show_progress=False)
+    vae = SliceVAE.from_pretrained(s1).eval()
+    factor = vae.config.scaling_factor
+    assert factor != pytest.approx(0.18215)
+    cfg = settings.vae.stage1
+    sampler = ClipSampler(load_clip_frames(curated, "train", cfg.resolution, cfg.sample_fps), cfg.num_frames, 0.0, 0)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(sampler.batch(i, 2)[0]).latent_dist.mode().flatten() for i in range(4)])
+    assert float((z * factor).std()) == pytest.approx(1.0, rel=0.35)  # other windows, same statistics
+    train_vae(settings, 2, curated, s2, tmp_path / "c2", init_dir=s1, show_progress=False)
+    assert SliceVAE.from_pretrained(s2).config.scaling_factor == factor

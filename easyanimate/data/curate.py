@@ -55,6 +55,7 @@ def _captioner_fingerprint(captioner, source: str) -> str | None:
 def _base(source: str, source_hash: str, start: float, end: float, info: VideoInfo | None) -> dict:
     return {
         "clip_id": mf.make_clip_id(source_hash, start, end), "source": source,
+        "scene_id": mf.make_clip_id(source_hash, start, end),
         "start_s": float(start), "end_s": float(end), "duration_s": round(float(end - start), 3),
         "width": info.width if info else None, "height": info.height if info else None,
         "fps": info.fps if info else None,
@@ -238,6 +239,8 @@ def analyse_video(video_path: Path, source_hash: str, settings: Settings, captio
                         queue.add(rec, split["caption"])
                 except VideoError as exc:
                     rec.update(status="quarantined", reject_reason=exc.reason)
+        # The final plans carry their scene (clips handed out early during the scan do not).
+        rec["scene_id"] = mf.make_clip_id(source_hash, *plan.scene)
         records.append(rec)
     queue.flush()
     return records

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from easyanimate.data.buckets import BucketTable, center_crop as crop_center, cover_size
 from easyanimate.data.manifest import read_manifest
 from easyanimate.data.video_io import decode_frames
 
@@ -37,8 +38,15 @@ def load_clip_frames(
     sample_fps: float,
     min_aesthetic: float | None = None,
     max_seconds: float | None = None,
+    center_crop: bool = True,
+    buckets: BucketTable | None = None,
 ) -> list[ClipFrames]:
-    """Decode the accepted clips of ``split`` as square ``resolution`` crops sampled at ``sample_fps``."""
+    """Decode the accepted clips of ``split`` sampled at ``sample_fps``, short side scaled to ``resolution``.
+
+    ``center_crop`` keeps the square centre; without it the whole frame is kept (aspect ratio preserved) so a
+    sampler can take random crops. With ``buckets`` (whose sizes already encode the resolution) each clip is
+    resized to cover the bucket nearest its aspect ratio and centre-cropped to it: no distortion, little loss.
+    """
     curated_dir = Path(curated_dir)
     manifest = read_manifest(curated_dir / "manifest.parquet")
     rows = manifest[(manifest["status"] == "accepted") & (manifest["split"] == split)]
@@ -48,9 +56,19 @@ def load_clip_frames(
     for row in rows.itertuples():
         duration = float(row.duration_s) if max_seconds is None else min(float(row.duration_s), max_seconds)
         times = list(np.arange(0.0, duration, 1.0 / sample_fps))
+        if buckets is not None:
+            bucket = buckets.nearest(int(row.height), int(row.width))
+            height, width = cover_size(int(row.height), int(row.width), bucket)
+            frames = decode_frames(curated_dir / row.clip_path, times=times, size=(width, height))
+            tensor = crop_center(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2), bucket)
+            clips.append(ClipFrames(row.clip_id, row.caption or "", float(row.aesthetic), tensor.contiguous()))
+            continue
         size = _resize_keep_aspect(int(row.width), int(row.height), resolution)
         frames = decode_frames(curated_dir / row.clip_path, times=times, size=size)
         tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        if not center_crop:
+            clips.append(ClipFrames(row.clip_id, row.caption or "", float(row.aesthetic), tensor.contiguous()))
+            continue
         top = (tensor.shape[2] - resolution) // 2
         left = (tensor.shape[3] - resolution) // 2
         tensor = tensor[:, :, top : top + resolution, left : left + resolution].contiguous()
@@ -65,15 +83,27 @@ def to_model_range(frames: torch.Tensor) -> torch.Tensor:
 
 
 class ClipSampler:
-    """Draws reproducible batches: seeded per step, so a resumed run sees the same batches."""
+    """Draws reproducible batches: seeded per step, so a resumed run sees the same batches.
 
-    def __init__(self, clips: list[ClipFrames], num_frames: int, image_ratio: float, seed: int):
+    With ``crop_size`` each sample is a random ``crop_size`` square of its clip (clips may then differ in size,
+    e.g. the same clip decoded at several scales), and ``hflip`` mirrors half of the samples: the augmentation
+    that lets a convolutional VAE learn from a handful of clips without memorising them.
+    """
+
+    def __init__(self, clips: list[ClipFrames], num_frames: int, image_ratio: float, seed: int,
+                 crop_size: int | None = None, hflip: bool = False):
         if not clips:
             raise ValueError("no training clips: the curated manifest has no accepted clips for this split")
+        if crop_size is not None:
+            small = [c.clip_id for c in clips if min(c.frames.shape[-2:]) < crop_size]
+            if small:
+                raise ValueError(f"clips {small} are smaller than crop_size {crop_size}")
         self.clips = clips
         self.num_frames = num_frames
         self.image_ratio = image_ratio
         self.seed = seed
+        self.crop_size = crop_size
+        self.hflip = hflip
         self.video_clips = [c for c in clips if c.frames.shape[0] >= num_frames]
         if num_frames > 1 and image_ratio < 1 and not self.video_clips:
             raise ValueError(f"no clip has {num_frames} frames at the sampling rate; lower num_frames")
@@ -87,6 +117,13 @@ class ClipSampler:
         for _ in range(batch_size):
             clip = pool[rng.integers(len(pool))]
             start = int(rng.integers(clip.frames.shape[0] - length + 1))
-            samples.append(clip.frames[start : start + length])
+            sample = clip.frames[start : start + length]
+            if self.crop_size is not None:
+                top = int(rng.integers(sample.shape[-2] - self.crop_size + 1))
+                left = int(rng.integers(sample.shape[-1] - self.crop_size + 1))
+                sample = sample[..., top : top + self.crop_size, left : left + self.crop_size]
+            if self.hflip and rng.random() < 0.5:
+                sample = sample.flip(-1)
+            samples.append(sample)
             captions.append(clip.caption)
         return to_model_range(torch.stack(samples)), captions

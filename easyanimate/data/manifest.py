@@ -16,6 +16,7 @@ import pandas as pd
 COLUMNS: dict[str, str] = {
     "clip_id": "string",
     "source": "string",
+    "scene_id": "string",  # clips cut from one scene share it, and so share their split
     "start_s": "float64",
     "end_s": "float64",
     "duration_s": "float64",
@@ -52,18 +53,30 @@ def _unit_hash(clip_id: str) -> float:
 
 
 def assign_splits(df: pd.DataFrame, val_fraction: float) -> pd.Series:
-    """Deterministic train/val by clip-id hash; at least one val (and one train) when >= 2 accepted."""
+    """Deterministic train/val by scene hash; at least one val (and one train) when >= 2 accepted.
+
+    Hashing the scene (not the clip) keeps the pieces of one long scene on one side, so val never holds a
+    near-copy of a training clip; a clip's split does not change when other videos are added.
+    """
     split = pd.Series(pd.NA, index=df.index, dtype="string")
     acc = df.index[df["status"] == "accepted"]
     if len(acc) == 0:
         return split
-    u = df.loc[acc, "clip_id"].map(_unit_hash)
+    # Records written before scene ids existed fall back to their clip id; so does a data set that is one scene
+    # (no split could then keep its pieces apart, and some val data beats none).
+    keys = df.loc[acc, "clip_id"]
+    if "scene_id" in df:
+        scenes = df.loc[acc, "scene_id"].fillna(keys)
+        if scenes.nunique() > 1:
+            keys = scenes
+    u = keys.map(_unit_hash)
     split.loc[acc] = ["val" if x < val_fraction else "train" for x in u]
     if len(acc) >= 2:
+        # Whole scenes move: the one closest to the val side of the hash line (or the train side).
         if not (split.loc[acc] == "val").any():
-            split.loc[u.idxmin()] = "val"  # the clip closest to the val side of the hash line
+            split.loc[u.index[u == u.min()]] = "val"
         if not (split.loc[acc] == "train").any():
-            split.loc[u.idxmax()] = "train"
+            split.loc[u.index[u == u.max()]] = "train"
     return split
 
 

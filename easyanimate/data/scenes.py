@@ -8,7 +8,7 @@ content detector places late would otherwise leak the next shot into the clip.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +26,8 @@ class ClipPlan:
     start_s: float
     end_s: float
     reject_reason: str | None = None  # set when the plan itself already disqualifies the clip
+    # The scene the clip was cut from: clips of one scene share a train/val split (no near-duplicate leakage).
+    scene: tuple[float, float] | None = field(default=None, compare=False)
 
     @property
     def duration_s(self) -> float:
@@ -46,22 +48,23 @@ def plan_clips(scenes: list[tuple[float, float]], cfg: SceneConfig) -> list[Clip
     """Trim, drop-too-short and split-too-long; rejected plans are kept so the manifest shows them."""
     plans: list[ClipPlan] = []
     for start, end in scenes:
+        scene = (round(start, 3), round(end, 3))
         end = end - cfg.trim_tail_s
         length = end - start
         if length < cfg.min_duration_s:
-            plans.append(ClipPlan(round(start, 3), round(max(end, start), 3), "too_short"))
+            plans.append(ClipPlan(round(start, 3), round(max(end, start), 3), "too_short", scene))
             continue
         # Fewest pieces that respect max; pieces of at most max, cut greedily from the start
         # (the remainder may fall below min and is then rejected, as the brief specifies).
         n_full = math.floor(length / cfg.max_duration_s + 1e-9)
         pos = start
         for _ in range(n_full):
-            plans.append(ClipPlan(round(pos, 3), round(pos + cfg.max_duration_s, 3)))
+            plans.append(ClipPlan(round(pos, 3), round(pos + cfg.max_duration_s, 3), None, scene))
             pos += cfg.max_duration_s
         rest = end - pos
         if rest > 1e-6:
             reason = None if rest >= cfg.min_duration_s else "too_short"
-            plans.append(ClipPlan(round(pos, 3), round(end, 3), reason))
+            plans.append(ClipPlan(round(pos, 3), round(end, 3), reason, scene))
     return plans
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from easyanimate.config import Settings, resolve_weight_path
+from easyanimate.data.buckets import BucketTable
 from easyanimate.data.datasets import load_clip_frames, to_model_range
 from easyanimate.data.video_io import write_video
 from easyanimate.evaluation.metrics import flicker, psnr, ssim
@@ -17,7 +18,7 @@ from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_
 
 # Every setting that changes the metric values (not the gate thresholds): metrics computed under a
 # different protocol are not comparable, so promotion re-evaluates instead of comparing them.
-PROTOCOL_SETTINGS = ("evaluate.val_timesteps", "evaluate.seed", "generate", "dit.num_train_timesteps",
+PROTOCOL_SETTINGS = ("evaluate.val_timesteps", "evaluate.seed", "evaluate.retrieval_max_captions", "generate", "dit.num_train_timesteps",
                      "dit.beta_schedule", "dit.model.max_text_tokens", "vae.stage1.sample_fps")
 
 
@@ -134,6 +135,27 @@ def write_val_loss_plot(metrics: dict[str, float], path: Path) -> Path:
     return path
 
 
+def generation_geometry(settings: Settings) -> BucketTable:
+    """One bucket, the generated size: clips are resized to cover it and centre-cropped (no distortion), so
+    they are scored at the shape the pipeline generates (and the DiT trained on, with matching buckets)."""
+    return BucketTable(((settings.generate.height, settings.generate.width),))
+
+
+def _caption_retrieval(settings: Settings, pipe, curated_dir: Path, skipped: dict[str, str]):
+    from easyanimate.evaluation.retrieval import caption_retrieval
+
+    g = settings.generate
+    if settings.evaluate.retrieval_max_captions == 0:
+        skipped["caption_retrieval"] = "off: evaluate.retrieval_max_captions is 0"
+        return None
+    clips = [c for c in load_clip_frames(curated_dir, "train", g.height, settings.vae.stage1.sample_fps,
+                                         buckets=generation_geometry(settings)) if c.frames.shape[0] >= g.num_frames]
+    if len({c.caption for c in clips if c.caption}) < 2:
+        skipped["caption_retrieval"] = "skipped: fewer than 2 distinct captions among the training clips"
+        return None
+    return caption_retrieval(settings, pipe, clips)
+
+
 def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path, out_dir: Path) -> EvalReport:
     """Score a pipeline folder on ``curated_dir``'s held-out (``split == "val"``) clips.
 
@@ -146,9 +168,9 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
 
     torch.manual_seed(settings.evaluate.seed)
     pipe = EasyAnimatePipeline.from_pretrained(pipeline_dir)
-    res = settings.generate.height
     num_frames = settings.generate.num_frames
-    clips = load_clip_frames(curated_dir, "val", res, settings.vae.stage1.sample_fps)
+    clips = load_clip_frames(curated_dir, "val", settings.generate.height, settings.vae.stage1.sample_fps,
+                             buckets=generation_geometry(settings))
     metrics: dict[str, float] = {}
     reasons: list[str] = []
     skipped = {
@@ -163,6 +185,10 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
     sample_metrics, artifacts = generate_samples(settings, pipe, out_dir)
     metrics.update(sample_metrics)
     metrics["eval/num_val_clips"] = float(len(clips))
+    retrieval = _caption_retrieval(settings, pipe, curated_dir, skipped)
+    if retrieval is not None:
+        metrics["eval/caption_retrieval"] = retrieval.rate
+        metrics["eval/caption_retrieval_captions"] = float(len(retrieval.captions))
 
     e = settings.evaluate
     for key, value in metrics.items():
@@ -172,6 +198,9 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
         reasons.append(f"eval/vae_psnr {metrics['eval/vae_psnr']:.2f} < evaluate.min_vae_psnr {e.min_vae_psnr}")
     if "eval/val_loss" in metrics and metrics["eval/val_loss"] > e.max_val_loss:
         reasons.append(f"eval/val_loss {metrics['eval/val_loss']:.4f} > evaluate.max_val_loss {e.max_val_loss}")
+    if "eval/caption_retrieval" in metrics and metrics["eval/caption_retrieval"] < e.min_caption_retrieval:
+        reasons.append(f"eval/caption_retrieval {metrics['eval/caption_retrieval']:.2f} < "
+                       f"evaluate.min_caption_retrieval {e.min_caption_retrieval}")
     if metrics["eval/flicker"] > e.max_flicker:
         reasons.append(f"eval/flicker {metrics['eval/flicker']:.4f} > evaluate.max_flicker {e.max_flicker}")
     metrics["eval/passed"] = float(not reasons)
@@ -179,6 +208,8 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
     out_dir = Path(out_dir)
     context = {"data_dvc_hash": dvc_hash(curated_dir), "protocol_hash": evaluation_protocol_hash(settings),
                "val_clip_ids": sorted(c.clip_id for c in clips)}
+    if retrieval is not None:
+        context["caption_retrieval"] = retrieval.table()
     atomic_write_json(out_dir / "eval_context.json", context)
     plot = write_val_loss_plot(metrics, out_dir / "val_loss.csv")
     report = out_dir / "report.md"

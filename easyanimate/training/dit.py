@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from easyanimate.config import Settings, resolve_weight_path
+from easyanimate.config import BucketConfig
+from easyanimate.data.buckets import BucketTable, draw_batch, frame_bucket, frame_buckets_for, group_indices
 from easyanimate.data.datasets import ClipFrames, load_clip_frames, to_model_range
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.text_encoder import encode_prompts, load_text_encoder
@@ -90,61 +92,114 @@ class LatentBank:
     def __len__(self) -> int:
         return len(self.latents)
 
+    def buckets(self) -> list[np.ndarray]:
+        """Indices of the latents of each shape (bucket); a batch is drawn from one of them."""
+        return group_indices([tuple(z.shape) for z in self.latents])
+
+
+def latent_multiple(vae: SliceVAE, model_config) -> int:
+    """What every pixel side must be a multiple of: VAE compression x patch size (x the motion module's grid)."""
+    grid = model_config["grid_reshape"] if model_config["motion_module"] else 1
+    return vae.spatial_compression * model_config["patch_size"] * grid
+
+
+def bucket_geometry(buckets: BucketConfig, resolution: int, num_frames: int, multiple: int, setting: str
+                    ) -> tuple[BucketTable | None, tuple[int, ...] | None]:
+    """The stage's size table and video frame buckets, or ``(None, None)`` when buckets are off (square crops)."""
+    if not buckets.enabled:
+        return None, None
+    try:
+        table = BucketTable.build(resolution, buckets.aspect_ratios, multiple)
+    except ValueError as exc:
+        raise ValueError(f"{setting}: {exc}") from None
+    frames = frame_buckets_for(num_frames, buckets.frame_buckets) if num_frames > 1 else None
+    return table, frames
+
 
 @torch.no_grad()
 def encode_windows(
-    vae: SliceVAE, clips: Sequence[ClipFrames], num_frames: int, text: TextBank, seed: int, batch: int = 8
+    vae: SliceVAE, clips: Sequence[ClipFrames], num_frames: int, text: TextBank, seed: int, batch: int = 8,
+    frame_buckets: Sequence[int] | None = None,
 ) -> LatentBank:
-    """Encode every non-overlapping ``num_frames`` window of every clip once (images: every frame)."""
+    """Encode every non-overlapping ``num_frames`` window of every clip once (images: every frame).
+
+    With ``frame_buckets`` (counts <= ``num_frames``) a clip shorter than ``num_frames`` is cut into windows of
+    the largest bucket it fills instead of being left out.
+    """
     windows, caption_ids = [], []
     for clip in clips:
-        for start in range(0, clip.frames.shape[0] - num_frames + 1, num_frames):
-            windows.append(clip.frames[start : start + num_frames])
+        length = num_frames
+        if frame_buckets is not None and num_frames > 1:
+            length = frame_bucket(min(clip.frames.shape[0], num_frames), frame_buckets)
+            if length is None:
+                continue
+        for start in range(0, clip.frames.shape[0] - length + 1, length):
+            windows.append(clip.frames[start : start + length])
             caption_ids.append(text.index(clip.caption))
-    latents = []
+    # Only windows of one shape stack; the bank keeps the clips' order whatever the encode order.
+    latents: list[torch.Tensor] = [None] * len(windows)  # type: ignore[list-item]
     generator = torch.Generator().manual_seed(seed)
-    for i in range(0, len(windows), batch):
-        x = to_model_range(torch.stack(windows[i : i + batch]))
-        z = vae.encode(x).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-        latents.extend(z.unbind(0))
+    for group in group_indices([tuple(w.shape) for w in windows]):
+        for i in range(0, len(group), batch):
+            picks = group[i : i + batch]
+            x = to_model_range(torch.stack([windows[j] for j in picks]))
+            z = vae.encode(x).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+            for j, latent in zip(picks, z.unbind(0)):
+                latents[j] = latent
     return LatentBank(latents, caption_ids)
 
 
 class LatentCache:
     """On-disk VAE latents of the training windows, keyed by the VAE weights, the curated manifest
-    and the sampling settings: later stages and reruns skip both the video decode and the encode."""
+    and the sampling settings (bucket geometry included): later stages and reruns skip both the video decode
+    and the encode."""
 
-    def __init__(self, root: Path, vae_dir: Path, curated_dir: Path, sampling: tuple, seed: int):
+    # Bumped when the file layout changes, so old entries are never misread.
+    FORMAT = 2
+
+    def __init__(self, root: Path, vae_dir: Path, curated_dir: Path, sampling: tuple, seed: int,
+                 frame_buckets: Sequence[int] | None = None):
         self.seed = seed
+        self.frame_buckets = tuple(frame_buckets) if frame_buckets is not None else None
         digest = hashlib.sha256()
         digest.update(hash_path(Path(vae_dir) / "diffusion_pytorch_model.safetensors").encode())
         digest.update(hash_path(Path(curated_dir) / "manifest.parquet").encode())
-        digest.update(json.dumps([sampling, seed], default=str).encode())
+        digest.update(json.dumps([sampling, seed, self.FORMAT], default=str).encode())
         self.dir = Path(root) / digest.hexdigest()[:20]
 
+    def _path(self, num_frames: int) -> Path:
+        # Frame buckets name the file, not the folder: stages that differ only in them still share the images.
+        buckets = self.frame_buckets if num_frames > 1 else None
+        suffix = "" if not buckets or buckets == (num_frames,) else "-f" + "_".join(map(str, buckets))
+        return self.dir / f"windows-{num_frames}{suffix}.safetensors"
+
     def has(self, frame_counts: set[int]) -> bool:
-        return (self.dir / "clips.json").exists() and all(
-            (self.dir / f"windows-{n}.safetensors").exists() for n in frame_counts)
+        return (self.dir / "clips.json").exists() and all(self._path(n).exists() for n in frame_counts)
 
     def captions(self) -> list[str]:
         """Captions of the cached clips, one per clip."""
         return json.loads((self.dir / "clips.json").read_text())["captions"]
 
     def windows(self, vae: SliceVAE, clips: Sequence[ClipFrames] | None, num_frames: int, text: TextBank) -> LatentBank:
-        path = self.dir / f"windows-{num_frames}.safetensors"
+        path = self._path(num_frames)
         if path.exists():
             with safe_open(str(path), framework="pt") as handle:
-                captions = json.loads(handle.metadata()["captions"])
-                latents = handle.get_tensor("latents")
-            return LatentBank(list(latents.unbind(0)), [text.index(c) for c in captions])
+                meta = handle.metadata()
+                stacks = {key: iter(handle.get_tensor(key).unbind(0)) for key in handle.keys()}
+            # Windows come back in the order they were encoded in, so batch picks match the first run's.
+            latents = [next(stacks[key]) for key in json.loads(meta["keys"])]
+            return LatentBank(latents, [text.index(c) for c in json.loads(meta["captions"])])
         if clips is None:
             raise FileNotFoundError(f"latent cache {self.dir} lacks {path.name} and no clips were decoded")
-        bank = encode_windows(vae, clips, num_frames, text, self.seed)
+        bank = encode_windows(vae, clips, num_frames, text, self.seed, frame_buckets=self.frame_buckets)
         if len(bank):
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            save_file({"latents": torch.stack(bank.latents).contiguous()}, str(tmp),
-                      metadata={"captions": json.dumps([text.captions[i] for i in bank.caption_ids])})
+            keys = ["latents." + "x".join(map(str, z.shape)) for z in bank.latents]
+            stacks = {key: torch.stack([z for z, k in zip(bank.latents, keys) if k == key]).contiguous()
+                      for key in dict.fromkeys(keys)}
+            save_file(stacks, str(tmp), metadata={"keys": json.dumps(keys),
+                                                  "captions": json.dumps([text.captions[i] for i in bank.caption_ids])})
             os.replace(tmp, path)
             atomic_write_json(self.dir / "clips.json", {"captions": [c.caption for c in clips]})
         return bank
@@ -188,13 +243,20 @@ def train_dit(
     vae = SliceVAE.from_pretrained(vae_dir).eval().requires_grad_(False)
     SliceVAE.check_num_frames(cfg.num_frames)
     min_aesthetic = settings.dit.stage3.min_aesthetic if stage == 3 else None
-    cache = LatentCache(settings.paths.cache / "latents", vae_dir, curated_dir,
-                        ("train", cfg.resolution, cfg.sample_fps, min_aesthetic), cfg.seed)
+    model_config = dict(EasyAnimateTransformer3DModel.load_config(init_dir)) if init_dir is not None \
+        else settings.dit.model.model_dump()
+    table, frame_buckets = bucket_geometry(cfg.buckets, cfg.resolution, cfg.num_frames,
+                                           latent_multiple(vae, model_config), f"dit.stage{stage}.buckets")
+    sampling = ("train", cfg.resolution, cfg.sample_fps, min_aesthetic)
+    if table is not None:
+        sampling += (table.sizes,)
+    cache = LatentCache(settings.paths.cache / "latents", vae_dir, curated_dir, sampling, cfg.seed, frame_buckets)
     clips = None
     if cache.has({1, cfg.num_frames}):
         captions = cache.captions()
     else:
-        clips = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps, min_aesthetic=min_aesthetic)
+        clips = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps, min_aesthetic=min_aesthetic,
+                                 buckets=table)
         captions = [c.caption for c in clips]
     if not captions:
         raise ValueError(f"{name}: no training clips (min_aesthetic={min_aesthetic}); relax dit.stage3.min_aesthetic")
@@ -218,10 +280,12 @@ def train_dit(
     scheduler = make_train_scheduler(settings)
     accelerator = make_accelerator(settings.dit.mixed_precision, trackers)
 
+    buckets = {id(images): images.buckets(), id(videos): videos.buckets()}
+
     def compute_loss(dit: torch.nn.Module, step: int) -> torch.Tensor:
         rng = np.random.default_rng([cfg.seed, step])
         bank = images if (cfg.num_frames == 1 or rng.random() < cfg.image_ratio) else videos
-        picks = rng.integers(len(bank), size=cfg.batch_size)
+        picks = draw_batch(buckets[id(bank)], rng, cfg.batch_size)  # one bucket per batch, so it stacks
         latents = torch.stack([bank.latents[i] for i in picks]).to(accelerator.device)
         # Dropping captions teaches the unconditional branch classifier-free guidance needs.
         ids = [0 if rng.random() < settings.dit.caption_dropout else bank.caption_ids[i] for i in picks]

@@ -14,12 +14,21 @@ from accelerate.tracking import GeneralTracker
 from peft import LoraConfig
 
 from easyanimate.config import Settings
+from easyanimate.data.buckets import BucketTable, center_crop, cover_size, draw_batch
 from easyanimate.data.datasets import ClipFrames, load_clip_frames
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.vae import SliceVAE
 from easyanimate.pipelines.pipeline_easyanimate import save_transformer_lora
 from easyanimate.training.common import TrainResult, make_accelerator, step_generator, train_loop
-from easyanimate.training.dit import LatentBank, TextBank, diffusion_loss, encode_windows, make_train_scheduler
+from easyanimate.training.dit import (
+    LatentBank,
+    TextBank,
+    bucket_geometry,
+    diffusion_loss,
+    encode_windows,
+    latent_multiple,
+    make_train_scheduler,
+)
 from easyanimate.utils import atomic_directory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -38,11 +47,13 @@ def _short_side_size(width: int, height: int, resolution: int) -> tuple[int, int
 
 
 def load_style_folder(
-    folder: Path, resolution: int, sample_fps: float, video_suffixes: Sequence[str]
+    folder: Path, resolution: int, sample_fps: float, video_suffixes: Sequence[str],
+    buckets: BucketTable | None = None,
 ) -> list[ClipFrames]:
     """Images and/or videos with a caption in ``<name>.txt`` beside each (EasyAnimate's style sets).
 
-    Images become one-frame clips; videos are sampled at ``sample_fps``. Both are centre-cropped squares.
+    Images become one-frame clips; videos are sampled at ``sample_fps``. Both are centre-cropped squares, or with
+    ``buckets`` resized to cover the bucket nearest their aspect ratio and centre-cropped to it.
     """
     from PIL import Image
 
@@ -58,13 +69,25 @@ def load_style_folder(
         caption = caption_file.read_text().strip() if caption_file.exists() else ""
         if path.suffix.lower() in IMAGE_SUFFIXES:
             image = Image.open(path).convert("RGB")
-            image = image.resize(_short_side_size(image.width, image.height, resolution))
-            frames = np.asarray(image)[None]
+            width, height = image.width, image.height
         else:
             info = probe(path)
-            times = list(np.arange(0.0, info.duration_s, 1.0 / sample_fps))
-            frames = decode_frames(path, times=times, size=_short_side_size(info.width, info.height, resolution))
-        items.append(ClipFrames(path.stem, caption, float("nan"), _square_crop(frames, resolution)))
+            width, height = info.width, info.height
+        bucket = buckets.nearest(height, width) if buckets is not None else None
+        if bucket is not None:
+            cover_h, cover_w = cover_size(height, width, bucket)
+            size = (cover_w, cover_h)
+        else:
+            size = _short_side_size(width, height, resolution)
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            frames = np.asarray(image.resize(size))[None]
+        else:
+            frames = decode_frames(path, times=list(np.arange(0.0, info.duration_s, 1.0 / sample_fps)), size=size)
+        if bucket is not None:
+            tensor = center_crop(torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2), bucket).contiguous()
+        else:
+            tensor = _square_crop(frames, resolution)
+        items.append(ClipFrames(path.stem, caption, float("nan"), tensor))
     if not items:
         raise ValueError(f"lora.data_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) "
                          f"or videos ({', '.join(video_suffixes)})")
@@ -72,16 +95,19 @@ def load_style_folder(
 
 
 def build_latent_banks(vae: SliceVAE, items: Sequence[ClipFrames], num_frames: int, text: TextBank,
-                       seed: int) -> tuple[LatentBank, LatentBank]:
-    """``(image bank, video bank)``: single frames of every item, and ``num_frames`` windows of the videos.
+                       seed: int, frame_buckets: Sequence[int] | None = None) -> tuple[LatentBank, LatentBank]:
+    """``(image bank, video bank)``: single frames of every item, and ``num_frames`` windows of the videos
+    (with ``frame_buckets``, shorter videos give windows of the largest bucket they fill).
 
-    Latents of one bank share a shape, so a batch always comes from one bank (as in EasyAnimate's
-    image/video mixing); with ``num_frames == 1`` the video bank is empty.
+    A batch always comes from one bank (as in EasyAnimate's image/video mixing) and one shape within it;
+    with ``num_frames == 1`` the video bank is empty.
     """
     images = encode_windows(vae, items, 1, text, seed)
     if num_frames == 1:
         return images, LatentBank([], [])
-    videos = encode_windows(vae, [c for c in items if c.frames.shape[0] >= num_frames], num_frames, text, seed)
+    min_frames = min(frame_buckets) if frame_buckets else num_frames
+    videos = encode_windows(vae, [c for c in items if c.frames.shape[0] >= min_frames], num_frames, text, seed,
+                            frame_buckets=frame_buckets)
     return images, videos
 
 
@@ -98,13 +124,16 @@ def train_lora(
     cfg = settings.lora.train
     torch.manual_seed(cfg.seed)
     vae = SliceVAE.from_pretrained(vae_dir).eval().requires_grad_(False)
+    table, frame_buckets = bucket_geometry(
+        cfg.buckets, cfg.resolution, cfg.num_frames,
+        latent_multiple(vae, EasyAnimateTransformer3DModel.load_config(dit_dir)), "lora.train.buckets")
     if settings.lora.data_dir:
         items = load_style_folder(settings.lora.data_dir, cfg.resolution, cfg.sample_fps,
-                                  settings.curate.video_extensions)
+                                  settings.curate.video_extensions, buckets=table)
     else:
-        items = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps)
+        items = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps, buckets=table)
     text = TextBank.build(settings, [c.caption for c in items])
-    image_bank, video_bank = build_latent_banks(vae, items, cfg.num_frames, text, cfg.seed)
+    image_bank, video_bank = build_latent_banks(vae, items, cfg.num_frames, text, cfg.seed, frame_buckets)
     if len(image_bank) == 0:
         raise ValueError("lora: no training samples")
     if cfg.num_frames > 1 and cfg.image_ratio < 1 and len(video_bank) == 0:
@@ -120,10 +149,12 @@ def train_lora(
     scheduler = make_train_scheduler(settings)
     accelerator = make_accelerator(settings.dit.mixed_precision, trackers)
 
+    buckets = {id(image_bank): image_bank.buckets(), id(video_bank): video_bank.buckets()}
+
     def compute_loss(dit: torch.nn.Module, step: int) -> torch.Tensor:
         rng = np.random.default_rng([cfg.seed, step])
         bank = image_bank if len(video_bank) == 0 or rng.random() < cfg.image_ratio else video_bank
-        picks = rng.integers(len(bank), size=cfg.batch_size)
+        picks = draw_batch(buckets[id(bank)], rng, cfg.batch_size)  # one bucket per batch, so it stacks
         latents = torch.stack([bank.latents[i] for i in picks]).to(accelerator.device)
         ids = [bank.caption_ids[i] for i in picks]
         return diffusion_loss(dit, scheduler, latents, text.hidden[ids].to(accelerator.device),

@@ -101,6 +101,29 @@ class _Adversary:
         return hinge_g_loss(logits) if logits else None
 
 
+@torch.no_grad()
+def fit_scaling_factor(vae: SliceVAE, sampler: ClipSampler, batches: int, batch_size: int, device) -> float:
+    """1 / std of the posterior means of ``batches`` training batches (drawn after the training steps' seeds)."""
+    was_training = vae.training
+    vae.eval()
+    latents = [vae.encode(sampler.batch(10**9 + i, batch_size)[0].to(device)).latent_dist.mode().flatten().float()
+               for i in range(batches)]
+    vae.train(was_training)
+    std = float(torch.cat(latents).std())
+    if not std > 0:
+        raise ValueError("the VAE's training latents have zero variance: cannot fit scaling_factor")
+    return 1.0 / std
+
+
+def _training_clips(cfg: VAETrainConfig, curated_dir: Path):
+    if not cfg.augment.random_crop:
+        return load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps)
+    # Each scale is a separate decode of every clip (whole frame, aspect kept); the sampler crops them.
+    return [clip for scale in cfg.augment.scales
+            for clip in load_clip_frames(curated_dir, "train", round(cfg.resolution * scale), cfg.sample_fps,
+                                         center_crop=False)]
+
+
 def _decoder_last_layer(vae: torch.nn.Module, accelerator) -> torch.Tensor:
     return accelerator.unwrap_model(vae).decoder.conv_out.weight
 
@@ -132,8 +155,10 @@ def train_vae(
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     SliceVAE.check_num_frames(cfg.num_frames)
-    clips = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps)
-    sampler = ClipSampler(clips, cfg.num_frames, cfg.image_ratio, cfg.seed)
+    clips = _training_clips(cfg, curated_dir)
+    aug = cfg.augment
+    sampler = ClipSampler(clips, cfg.num_frames, cfg.image_ratio, cfg.seed,
+                          crop_size=cfg.resolution if aug.random_crop else None, hflip=aug.hflip)
     # bf16/fp16 only take effect on GPU: make_accelerator forces full precision on CPU.
     accelerator = make_accelerator(settings.vae.mixed_precision, trackers)
     perceptual = _load_perceptual(settings) if stage == 1 else None
@@ -196,6 +221,12 @@ def train_vae(
     trained = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(trainable)
+    if stage == 1 and settings.vae.stage1.fit_scaling_factor:
+        factor = fit_scaling_factor(trained, sampler, settings.vae.stage1.scaling_batches, cfg.batch_size,
+                                    accelerator.device)
+        trained.register_to_config(scaling_factor=factor)
+        accelerator.log({f"{name}/scaling_factor": factor}, step=cfg.steps)
+        log.info("VAE scaling_factor fitted to the training latents: %.5f", factor)
     with atomic_directory(out_dir) as tmp:
         trained.save_pretrained(tmp, safe_serialization=True)
     return result

@@ -17,6 +17,12 @@ frames and the decoder in slices of ``decoder_slice_latents`` latents. Each caus
 ``kernel_t - stride_t`` frames of its (padded) input and prepends them to the next slice instead of padding. As
 slice starts are multiples of the total temporal stride, the sliced pass is numerically the unsliced one, with
 activation memory bounded by the slice size.
+
+Spatial tiling (off by default; ``enable_tiling()`` as in diffusers' ``AutoencoderKL``) bounds memory in space for
+frames larger than ``tile_sample_size``: the frame is cut into overlapping latent-aligned tiles, each tile runs the
+whole time-sliced encode (or decode) with its own causal caches, and tiles are blended with linear ramps across
+their overlaps. Unlike slicing this is not exact: a tile's convs see zero padding instead of their neighbours and
+its per-frame GroupNorm statistics are the tile's, not the frame's; the overlap blend hides the resulting seams.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import nn
 
@@ -258,11 +264,116 @@ class Decoder3d(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-class SliceVAE(ModelMixin, ConfigMixin):
+def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Full-size ``tile`` spans covering ``[0, length)`` with at least ``overlap`` shared positions between
+    neighbours, spread evenly from edge to edge (no small remainder tile with little context)."""
+    if length <= tile:
+        return [(0, length)]
+    n = -(-(length - overlap) // (tile - overlap))
+    return [(s, s + tile) for s in (round(k * (length - tile) / (n - 1)) for k in range(n))]
+
+
+def _axis_weights(spans: list[tuple[int, int]], scale: int) -> torch.Tensor:
+    """Per-tile blend weights along one axis at ``scale`` x the span units: (n_tiles, length * scale).
+
+    Each tile ramps linearly up across its overlap with the previous tile and down across its overlap with the
+    next one, so two neighbours sum to 1 in their overlap; weights are > 0 on the whole span so any overlap
+    pattern normalises. Zero outside the span.
+    """
+    length = spans[-1][1] * scale
+    weights = torch.zeros(len(spans), length, dtype=torch.float64)
+    for k, (start, end) in enumerate(spans):
+        pos = torch.arange((end - start) * scale, dtype=torch.float64) + 0.5
+        w = torch.ones_like(pos)
+        if k > 0:
+            up = (spans[k - 1][1] - start) * scale
+            w = w * (pos / up).clamp(max=1.0)
+        if k < len(spans) - 1:
+            down = (end - spans[k + 1][0]) * scale
+            w = w * ((pos.flip(0)) / down).clamp(max=1.0)
+        weights[k, start * scale : end * scale] = w
+    return weights
+
+
+class _TileGrid:
+    """Overlapping spatial tiles of a latent grid and the weights that blend them into one seamless result.
+
+    Tiles are visited row-major and blended *sequentially* into the destination: ``dst = lerp(dst, tile, alpha)``
+    with ``alpha = w_tile / (sum of the weights of the tiles written so far)``. After the last tile every
+    position holds the normalised weighted average ``sum(w * tile) / sum(w)``, without a weight buffer and
+    without keeping earlier tiles: each tile can be streamed straight into a preallocated (even uint8) output.
+    The weights are separable (``w = a_row(y) * b_col(x)``), so the running sum after tile (i, j) is
+    ``sum_{r<i} a_r(y) * sum_c b_c(x) + a_i(y) * sum_{c<=j} b_c(x)``.
+    """
+
+    def __init__(self, height: int, width: int, tile: int, overlap: int):
+        self.rows = _tile_spans(height, tile, overlap)
+        self.cols = _tile_spans(width, tile, overlap)
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def __iter__(self) -> Iterator[tuple[int, int, slice, slice]]:
+        for i, (y0, y1) in enumerate(self.rows):
+            for j, (x0, x1) in enumerate(self.cols):
+                yield i, j, slice(y0, y1), slice(x0, x1)
+
+    def alphas(self, scale: int = 1) -> dict[tuple[int, int], torch.Tensor | None]:
+        """``alpha`` per tile, (tile_h * scale, tile_w * scale) float64; None where it is 1 everywhere."""
+        a, b = _axis_weights(self.rows, scale), _axis_weights(self.cols, scale)
+        a_before = torch.cat([torch.zeros_like(a[:1]), torch.cumsum(a, 0)[:-1]])
+        b_total, b_through = b.sum(0), torch.cumsum(b, 0)
+        out = {}
+        for i, j, ys, xs in self:
+            ys, xs = slice(ys.start * scale, ys.stop * scale), slice(xs.start * scale, xs.stop * scale)
+            written = a_before[i, ys, None] * b_total[None, xs] + a[i, ys, None] * b_through[j, None, xs]
+            alpha = a[i, ys, None] * b[j, None, xs] / written
+            out[(i, j)] = None if bool((alpha == 1).all()) else alpha
+        return out
+
+
+def _scaled(span: slice, factor: int) -> slice:
+    return slice(span.start * factor, span.stop * factor)
+
+
+def _blend_into(dst: torch.Tensor, tile: torch.Tensor, alpha: torch.Tensor | None) -> None:
+    """One sequential blend step of ``_TileGrid`` (``alpha`` broadcasts over the trailing (H, W) of ``dst``)."""
+    if alpha is None:
+        dst.copy_(tile)
+    else:
+        dst.lerp_(tile, alpha.to(device=tile.device, dtype=tile.dtype))
+
+
+def _block_means(x: torch.Tensor, spatial: int) -> torch.Tensor:
+    """Mean of each latent cell's pixels: ``spatial`` x ``spatial`` per frame, then the 4 frames a latent frame
+    decodes to (a video's latent k covers frames 4k..4k+3; an image is its own latent frame). Exact under slicing:
+    slices start on multiples of 4 frames."""
+    b, c, t, h, w = x.shape
+    x = F.avg_pool2d(x.transpose(1, 2).reshape(b * t, c, h, w), spatial).reshape(b, t, c, h // spatial, w // spatial)
+    if t > 1:
+        x = x.reshape(b, t // TEMPORAL_COMPRESSION, TEMPORAL_COMPRESSION, c, h // spatial, w // spatial).mean(2)
+    return x.transpose(1, 2)
+
+
+def _expand_means(z: torch.Tensor, spatial: int, is_image: bool) -> torch.Tensor:
+    """Inverse of _block_means up to detail: bilinear in space per frame, each latent frame held for its 4 frames
+    (nothing from later latents, so decoding stays causal and slice-exact)."""
+    b, c, t, h, w = z.shape
+    y = F.interpolate(z.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=float(spatial), mode="bilinear",
+                      align_corners=False).reshape(b, t, c, h * spatial, w * spatial).transpose(1, 2)
+    return y if is_image else y.repeat_interleave(TEMPORAL_COMPRESSION, dim=2)
+
+
+class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
     """Causal 3D video VAE with slice-wise encoding/decoding and cross-slice feature sharing.
 
     `encode`/`decode` do not apply `scaling_factor`; like diffusers' AutoencoderKL, callers multiply latents by
     `config.scaling_factor` before the diffusion model and divide before `decode`.
+
+    Runtime switches follow diffusers' autoencoders: ``use_slicing`` (on; ``enable_slicing``/``disable_slicing``, or
+    per call via ``use_slicing=``) and ``use_tiling`` (off; ``enable_tiling``/``disable_tiling``). Tile geometry
+    comes from the config (``tile_sample_size``, ``tile_overlap_factor``) into the diffusers-named attributes
+    ``tile_sample_min_size`` and ``tile_overlap_factor``, which may be changed at run time.
     """
 
     _supports_gradient_checkpointing = True
@@ -278,8 +389,13 @@ class SliceVAE(ModelMixin, ConfigMixin):
         scaling_factor: float = 0.18215,
         encoder_slice_frames: int = 8,
         decoder_slice_latents: int = 2,
+        tile_sample_size: int = 256,
+        tile_overlap_factor: float = 0.25,
+        pixel_shortcut: bool = False,
     ):
         super().__init__()
+        if pixel_shortcut and latent_channels < in_channels:
+            raise ValueError(f"pixel_shortcut needs latent_channels >= in_channels ({in_channels})")
         if len(block_out_channels) < 3:
             raise ValueError("block_out_channels needs >= 3 levels: two resampling stages carry the 4x temporal factor")
         if encoder_slice_frames <= 0 or encoder_slice_frames % TEMPORAL_COMPRESSION:
@@ -288,6 +404,11 @@ class SliceVAE(ModelMixin, ConfigMixin):
         if decoder_slice_latents <= 0:
             raise ValueError("decoder_slice_latents must be positive")
         self.gradient_checkpointing = False
+        self.use_slicing = True
+        self.use_tiling = False
+        self.tile_sample_min_size = tile_sample_size
+        self.tile_overlap_factor = tile_overlap_factor
+        self._check_tiling()
         self.encoder = Encoder3d(in_channels, 2 * latent_channels, block_out_channels, layers_per_block, norm_groups)
         self.quant_conv = nn.Conv3d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, 1)
@@ -301,6 +422,30 @@ class SliceVAE(ModelMixin, ConfigMixin):
     @property
     def temporal_compression(self) -> int:
         return TEMPORAL_COMPRESSION
+
+    @property
+    def tile_latent_min_size(self) -> int:
+        return self.tile_sample_min_size // self.spatial_compression
+
+    def _check_tiling(self) -> None:
+        size, factor = self.tile_sample_min_size, self.tile_overlap_factor
+        if size <= 0 or size % self.spatial_compression:
+            raise ValueError(f"tile_sample_size must be a positive multiple of {self.spatial_compression}; got {size}")
+        # Above 1/2 a third tile could overlap the first; more overlap buys nothing the ramps do not already give.
+        if not 0 <= factor <= 0.5:
+            raise ValueError(f"tile_overlap_factor must be in [0, 0.5]; got {factor}")
+
+    def _tile_grid(self, latent_height: int, latent_width: int) -> _TileGrid | None:
+        """Tiles for a latent of this size, or None when tiling is off or the frame fits in one tile."""
+        if not self.use_tiling:
+            return None
+        self._check_tiling()
+        tile = self.tile_latent_min_size
+        if latent_height <= tile and latent_width <= tile:
+            return None
+        # Any overlap asked for is at least one latent (round(0.5) would give none: hard seams).
+        overlap = max(1, round(tile * self.tile_overlap_factor)) if self.tile_overlap_factor > 0 else 0
+        return _TileGrid(latent_height, latent_width, tile, min(overlap, tile - 1))
 
     @staticmethod
     def check_num_frames(num_frames: int) -> None:
@@ -339,18 +484,36 @@ class SliceVAE(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ encode
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x))
+        moments = self.quant_conv(self.encoder(x))
+        if self.config.pixel_shortcut:
+            # The first latent channels carry the block means of the pixels; the network learns the residual.
+            means = _block_means(x, self.spatial_compression)
+            moments = torch.cat([moments[:, : means.shape[1]] + means, moments[:, means.shape[1] :]], dim=1)
+        return moments
 
-    def encode(self, x: torch.Tensor, return_dict: bool = True, use_slicing: bool = True):
-        self._check_input(x, "x", self.config.in_channels, self.spatial_compression)
-        t = x.shape[2]
-        self.check_num_frames(t)
-        step = self.config.encoder_slice_frames
+    def _encode_frames(self, x: torch.Tensor, use_slicing: bool) -> torch.Tensor:
+        t, step = x.shape[2], self.config.encoder_slice_frames
         if not use_slicing or t <= step:
-            moments = self._encode(x)
+            return self._encode(x)
+        with self._feature_cache(self.encoder):
+            return torch.cat([self._encode(x[:, :, i : i + step]) for i in range(0, t, step)], dim=2)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True, use_slicing: bool | None = None):
+        """Latent distribution of ``x`` in [-1, 1]; ``use_slicing=None`` follows ``self.use_slicing``."""
+        self._check_input(x, "x", self.config.in_channels, self.spatial_compression)
+        self.check_num_frames(x.shape[2])
+        use_slicing = self.use_slicing if use_slicing is None else use_slicing
+        sc = self.spatial_compression
+        grid = self._tile_grid(x.shape[-2] // sc, x.shape[-1] // sc)
+        if grid is None:
+            moments = self._encode_frames(x, use_slicing)
         else:
-            with self._feature_cache(self.encoder):
-                moments = torch.cat([self._encode(x[:, :, i : i + step]) for i in range(0, t, step)], dim=2)
+            moments, alphas = None, grid.alphas()
+            for i, j, ys, xs in grid:
+                tile = self._encode_frames(x[..., _scaled(ys, sc), _scaled(xs, sc)], use_slicing)
+                if moments is None:
+                    moments = tile.new_zeros(*tile.shape[:3], x.shape[-2] // sc, x.shape[-1] // sc)
+                _blend_into(moments[..., ys, xs], tile, alphas[i, j])
         posterior = DiagonalGaussianDistribution(moments)
         if not return_dict:
             return (posterior,)
@@ -358,21 +521,37 @@ class SliceVAE(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ decode
     def _decode(self, z: torch.Tensor, is_image: bool) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z), is_image)
+        sample = self.decoder(self.post_quant_conv(z), is_image)
+        if self.config.pixel_shortcut:
+            sample = sample + _expand_means(z[:, : self.config.in_channels], self.spatial_compression, is_image)
+        return sample
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True, use_slicing: bool = True):
+    def _decode_latents(self, z: torch.Tensor, is_image: bool, use_slicing: bool) -> torch.Tensor:
+        t, step = z.shape[2], self.config.decoder_slice_latents
+        if not use_slicing or t <= step:
+            return self._decode(z, is_image)
+        with self._feature_cache(self.decoder):
+            return torch.cat([self._decode(z[:, :, i : i + step], is_image) for i in range(0, t, step)], dim=2)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, use_slicing: bool | None = None):
+        """Frames in [-1, 1] from latents ``z``; ``use_slicing=None`` follows ``self.use_slicing``."""
         self._check_input(z, "z", self.config.latent_channels, 1)
-        t = z.shape[2]
-        if t < 1:
+        if z.shape[2] < 1:
             raise ValueError("z must have at least one latent frame")
         # Image vs video is a property of the whole latent, never of a slice (a 1-latent tail slice is video).
-        is_image = t == 1
-        step = self.config.decoder_slice_latents
-        if not use_slicing or t <= step:
-            sample = self._decode(z, is_image)
+        is_image = z.shape[2] == 1
+        use_slicing = self.use_slicing if use_slicing is None else use_slicing
+        sc = self.spatial_compression
+        grid = self._tile_grid(z.shape[-2], z.shape[-1])
+        if grid is None:
+            sample = self._decode_latents(z, is_image, use_slicing)
         else:
-            with self._feature_cache(self.decoder):
-                sample = torch.cat([self._decode(z[:, :, i : i + step], is_image) for i in range(0, t, step)], dim=2)
+            sample, alphas = None, grid.alphas(sc)
+            for i, j, ys, xs in grid:
+                tile = self._decode_latents(z[..., ys, xs], is_image, use_slicing)
+                if sample is None:
+                    sample = tile.new_zeros(*tile.shape[:3], z.shape[-2] * sc, z.shape[-1] * sc)
+                _blend_into(sample[..., _scaled(ys, sc), _scaled(xs, sc)], tile, alphas[i, j])
         if not return_dict:
             return (sample,)
         return DecoderOutput(sample=sample)
@@ -388,49 +567,74 @@ class SliceVAE(ModelMixin, ConfigMixin):
         """Encode then decode uint8 ``(T, H, W, 3)`` frames slice by slice, writing into uint8 ``out``.
 
         Only one encoder slice of float input and one decoder slice of float output exist at a time, so peak
-        memory beyond the uint8 frames themselves does not grow with T. Uses the posterior mode. ``callback(done,
-        total)`` counts slices (encoder and decoder) for progress bars. Same result as ``decode(encode(x).mode())``.
+        memory beyond the uint8 frames themselves (and the latents, 1/24 of their size) does not grow with T. With
+        tiling enabled and frames larger than the tile, those slices are also cut to one spatial tile: each tile
+        runs all its time slices (its own causal caches), and decoded tiles are blended straight into ``out``
+        (``_TileGrid``), so memory stays bounded in space too. Uses the posterior mode. ``callback(done, total)``
+        counts slices (encoder and decoder, per tile) for progress bars. Same result as
+        ``decode(encode(x).mode())`` up to one uint8 level (tiled: blending reads back already-rounded pixels).
         """
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != self.config.in_channels:
             raise ValueError(f"frames must be uint8 (T, H, W, {self.config.in_channels}); got {frames.dtype} {frames.shape}")
         t, h, w, _ = frames.shape
         self.check_num_frames(t)
-        if h % self.spatial_compression or w % self.spatial_compression:
-            raise ValueError(f"frame height/width must be multiples of {self.spatial_compression}; got {h}x{w}")
+        sc = self.spatial_compression
+        if h % sc or w % sc:
+            raise ValueError(f"frame height/width must be multiples of {sc}; got {h}x{w}")
         if out is None:
             out = np.empty_like(frames)
         elif out.shape != frames.shape or out.dtype != np.uint8:
             raise ValueError(f"out must be uint8 of shape {frames.shape}")
         enc_step, dec_step = self.config.encoder_slice_frames, self.config.decoder_slice_latents
-        latent_t = self.latent_num_frames(t)
-        total = -(-t // enc_step) + -(-latent_t // dec_step)
+        latent_t, latent_h, latent_w = self.latent_num_frames(t), h // sc, w // sc
+        # Untiled is the one-tile grid: every alpha is None and the tile is the whole frame.
+        grid = self._tile_grid(latent_h, latent_w) or _TileGrid(latent_h, latent_w, max(latent_h, latent_w), 0)
+        total = len(grid) * (-(-t // enc_step) + -(-latent_t // dec_step))
         done = 0
         device, dtype = self.device, self.dtype
 
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if callback:
+                callback(done, total)
+
         def to_input(chunk: np.ndarray) -> torch.Tensor:
             x = torch.from_numpy(chunk).to(device=device, dtype=dtype).div_(127.5).sub_(1.0)
-            return x.permute(3, 0, 1, 2).unsqueeze(0)  # (1, C, t, H, W)
+            return x.permute(3, 0, 1, 2).unsqueeze(0)  # (1, C, t, h, w)
 
-        moments = []
-        with self._feature_cache(self.encoder):
-            for i in range(0, t, enc_step):
-                moments.append(self._encode(to_input(frames[i : i + enc_step])))
-                done += 1
-                if callback:
-                    callback(done, total)
-        z = DiagonalGaussianDistribution(torch.cat(moments, dim=2)).mode()
+        moments = torch.zeros(1, 2 * self.config.latent_channels, latent_t, latent_h, latent_w, device=device,
+                              dtype=dtype)
+        alphas = grid.alphas()
+        for i, j, ys, xs in grid:
+            with self._feature_cache(self.encoder):
+                done_latents = 0
+                for f in range(0, t, enc_step):
+                    m = self._encode(to_input(frames[f : f + enc_step, _scaled(ys, sc), _scaled(xs, sc)]))
+                    _blend_into(moments[:, :, done_latents : done_latents + m.shape[2], ys, xs], m, alphas[i, j])
+                    done_latents += m.shape[2]
+                    tick()
+        z = DiagonalGaussianDistribution(moments).mode()
         del moments
         is_image = t == 1
         frames_per_latent = 1 if is_image else TEMPORAL_COMPRESSION
-        with self._feature_cache(self.decoder):
-            for j in range(0, latent_t, dec_step):
-                y = self._decode(z[:, :, j : j + dec_step], is_image)[0]
-                start = j * frames_per_latent
-                pixels = y.float().clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
-                out[start : start + y.shape[1]] = pixels.permute(1, 2, 3, 0).cpu().numpy()
-                done += 1
-                if callback:
-                    callback(done, total)
+        alphas = grid.alphas(sc)
+        for i, j, ys, xs in grid:
+            alpha = alphas[i, j]
+            if alpha is not None:
+                alpha = alpha.to(device=device, dtype=torch.float32)[None, :, :, None]  # over (f, h, w, C)
+            py, px = _scaled(ys, sc), _scaled(xs, sc)
+            with self._feature_cache(self.decoder):
+                for k in range(0, latent_t, dec_step):
+                    y = self._decode(z[:, :, k : k + dec_step, ys, xs], is_image)[0]
+                    start = k * frames_per_latent
+                    region = out[start : start + y.shape[1], py, px]
+                    pixels = y.float().clamp_(-1, 1).add_(1).mul_(127.5).permute(1, 2, 3, 0)
+                    if alpha is not None:
+                        # Blend with the overlap already written by earlier tiles (read back as uint8).
+                        pixels = torch.from_numpy(region).to(device=device, dtype=torch.float32).lerp_(pixels, alpha)
+                    region[...] = pixels.round_().to(torch.uint8).cpu().numpy()
+                    tick()
         return out
 
     def forward(
