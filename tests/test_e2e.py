@@ -27,7 +27,7 @@ FAST = {
     "lora": {"train": {"steps": 3}},
     "generate": {"num_inference_steps": 4},
     # Gates are loose here: this proves the plumbing, not the quality of 4-step models.
-    "evaluate": {"min_vae_psnr": 0.0, "max_val_loss": 10.0, "max_flicker": 1.0},
+    "evaluate": {"min_vae_psnr": 0.0, "max_val_loss": 10.0, "max_flicker": 1.0, "min_caption_retrieval": 0.0},
 }
 
 

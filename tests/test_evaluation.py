@@ -60,7 +60,7 @@ def tiny_settings(root: Path, curated: Path, **overrides) -> Settings:
         "lora": {"train": {"steps": 1, "batch_size": 2}},
         "generate": {"num_inference_steps": 2},
         # Loose gates: the models are untrained; promotion tests compare them with each other.
-        "evaluate": {"min_vae_psnr": 0.0, "max_val_loss": 100.0, "max_flicker": 1.0},
+        "evaluate": {"min_vae_psnr": 0.0, "max_val_loss": 100.0, "max_flicker": 1.0, "min_caption_retrieval": 0.0},
         "registry": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"},
     }
     return load_settings(REPO / "params.yaml", overrides=_merge(base, overrides))

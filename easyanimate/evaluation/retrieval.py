@@ -32,7 +32,7 @@ class RetrievalResult:
         out = []
         for row, own in zip(self.distances, self.own):
             others = [d for j, d in enumerate(row) if j not in own]
-            out.append(not others or min(row[j] for j in own) < min(others))
+            out.append(bool(not others or min(row[j] for j in own) < min(others)))
         return out
 
     @property
