@@ -45,8 +45,8 @@ BAD = {  # file -> acceptable quarantine reasons (the exact one depends on where
 
 def _settings(captions: Path | None = None, **curate):
     overrides = {"paths": {"captions": str(captions)}} if captions else {}
-    if curate:
-        overrides["curate"] = curate
+    # The 4 s test clips stay one clip each (the tiny preset cuts 3-3.4 s pieces).
+    overrides["curate"] = {"scenes": {"max_duration_s": 10.0}, **curate}
     return load_settings(path="/nonexistent/params.yaml", overrides=overrides)
 
 

@@ -152,8 +152,9 @@ def test_evaluate_stage_writes_metrics_plots_report_and_context(project):
     out = report_dir(settings, "evaluate")
     metrics = json.loads((out / "metrics.json").read_text())
     assert result.info["passed"] and metrics["eval/num_val_clips"] == 2.0
-    for key in ("eval/vae_psnr", "eval/vae_ssim", "eval/val_loss", "eval/flicker"):
+    for key in ("eval/vae_psnr", "eval/vae_ssim", "eval/val_loss", "eval/flicker", "eval/caption_retrieval"):
         assert np.isfinite(metrics[key]), key
+    assert metrics["eval/caption_retrieval_captions"] == 2.0  # the two train clips' captions
 
     with open(out / "val_loss.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -177,7 +178,11 @@ def test_evaluate_stage_writes_metrics_plots_report_and_context(project):
     from easyanimate.pipelines import EasyAnimatePipeline
 
     pipe = EasyAnimatePipeline.from_pretrained(settings.paths.pipeline)
-    clips = load_clip_frames(settings.paths.curated, "val", settings.generate.height, settings.vae.stage1.sample_fps)
+    from easyanimate.evaluation.evaluate import generation_geometry
+
+    clips = load_clip_frames(settings.paths.curated, "val", settings.generate.height, settings.vae.stage1.sample_fps,
+                             buckets=generation_geometry(settings))
+    assert tuple(clips[0].frames.shape[-2:]) == (settings.generate.height, settings.generate.width)
     again = dit_validation_loss(settings, pipe, clips, settings.generate.num_frames)
     assert again["eval/val_loss"] == pytest.approx(metrics["eval/val_loss"], rel=1e-6)
 

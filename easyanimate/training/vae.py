@@ -119,9 +119,11 @@ def _training_clips(cfg: VAETrainConfig, curated_dir: Path):
     if not cfg.augment.random_crop:
         return load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps)
     # Each scale is a separate decode of every clip (whole frame, aspect kept); the sampler crops them.
-    return [clip for scale in cfg.augment.scales
-            for clip in load_clip_frames(curated_dir, "train", round(cfg.resolution * scale), cfg.sample_fps,
-                                         center_crop=False)]
+    clips = []
+    for scale in cfg.augment.scales:
+        clips += load_clip_frames(curated_dir, "train", round(cfg.resolution * scale), cfg.sample_fps,
+                                  center_crop=False)
+    return clips
 
 
 def _decoder_last_layer(vae: torch.nn.Module, accelerator) -> torch.Tensor:
