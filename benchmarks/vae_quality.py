@@ -1,6 +1,6 @@
 """Held-out reconstruction quality of a trained tiny Slice VAE vs a naive codec with the same compression.
 
-    python benchmarks/vae_quality.py [--curated data/curated] [--stage1-steps 1200 --stage2-steps 300]
+    python benchmarks/vae_quality.py [--curated data/curated] [--stage1-steps 2400 --stage2-steps 600]
     python benchmarks/vae_quality.py --model models/vae/stage2      # score an existing VAE, no training
 
 Trains its own VAE (the real ``train_vae`` code, both stages, tiny preset model) on the manifest's ``train``
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--eval-frames", type=int, default=24)
-    parser.add_argument("--stage1-steps", type=int, default=1200)
-    parser.add_argument("--stage2-steps", type=int, default=300)
+    parser.add_argument("--stage1-steps", type=int, default=2400)
+    parser.add_argument("--stage2-steps", type=int, default=600)
     parser.add_argument("--stage1-lr", type=float, default=1e-3)
     parser.add_argument("--stage2-lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=20)
