@@ -192,6 +192,11 @@ def test_warm_start_checks_the_architecture(tmp_path):
         build_vae(settings).save_config(pipeline / "vae")
         build_transformer(settings, settings.vae.model.latent_channels, 384).save_config(pipeline / "transformer")
     assert warm_start_mismatches(settings, pipeline) == []
+    # A trained champion's fitted scaling factor and its tile/slice sizes are not architecture.
+    vae_config = json.loads((pipeline / "vae" / "config.json").read_text())
+    vae_config.update(scaling_factor=0.61, tile_sample_size=512, decoder_slice_latents=4)
+    (pipeline / "vae" / "config.json").write_text(json.dumps(vae_config))
+    assert warm_start_mismatches(settings, pipeline) == []
     wider = load_settings(REPO / "params.yaml", overrides={"dit": {"model": {"hidden_size": 96}}})
     problems = warm_start_mismatches(wider, pipeline)
     assert len(problems) == 1 and problems[0].startswith("dit.model: transformer.hidden_size is 64")
