@@ -256,6 +256,17 @@ class DiTModelConfig(_Section):
         return self
 
 
+def parse_aspect_ratio(spec: str) -> float:
+    """``"16:9"`` (width:height) -> width / height."""
+    try:
+        w, h = (float(part) for part in str(spec).split(":"))
+    except ValueError:
+        raise ValueError(f"aspect ratio {spec!r} is not 'width:height' (e.g. '16:9')") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"aspect ratio {spec!r} must have positive sides")
+    return w / h
+
+
 class BucketConfig(_Section):
     """Aspect-ratio and frame-count buckets (easyanimate/data/buckets.py): each clip is resized to cover the
     bucket nearest its aspect ratio (about resolution**2 pixels) and loses only the remainder to a centre crop,
@@ -272,13 +283,7 @@ class BucketConfig(_Section):
     @model_validator(mode="after")
     def _valid(self) -> "BucketConfig":
         for spec in self.aspect_ratios:
-            sides = spec.split(":")
-            try:
-                ok = len(sides) == 2 and all(float(x) > 0 for x in sides)
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"aspect ratio {spec!r} is not 'width:height' with positive sides (e.g. '16:9')")
+            parse_aspect_ratio(spec)
         bad = [f for f in self.frame_buckets if f < 8 or f % 4]
         if bad:
             raise ValueError(f"frame_buckets {bad} are not multiples of 4 that are >= 8 (what the VAE encodes)")

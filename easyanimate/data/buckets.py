@@ -21,16 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-def parse_aspect_ratio(spec: str) -> float:
-    """``"16:9"`` (width:height) -> width / height."""
-    try:
-        w, h = (float(part) for part in str(spec).split(":"))
-    except ValueError:
-        raise ValueError(f"aspect ratio {spec!r} is not 'width:height' (e.g. '16:9')") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"aspect ratio {spec!r} must have positive sides")
-    return w / h
+from easyanimate.config import parse_aspect_ratio
 
 
 def _round_to(value: float, multiple: int) -> int:
