@@ -41,6 +41,14 @@ def score(clips: list[np.ndarray], codec) -> tuple[float, float]:
     return float(np.mean([psnr(c, o) for c, o in zip(clips, outs)])), float(np.mean([ssim(c, o) for c, o in zip(clips, outs)]))
 
 
+@torch.no_grad()
+def latent_noise_ratio(vae: SliceVAE, frames: np.ndarray) -> list[float]:
+    x = torch.from_numpy(frames).float().permute(3, 0, 1, 2).unsqueeze(0) / 127.5 - 1
+    posterior = vae.encode(x).latent_dist
+    dims = (0, 2, 3, 4)
+    return (posterior.std.mean(dim=dims) / posterior.mean.std(dim=dims)).tolist()
+
+
 def train(curated: Path, work: Path, args) -> tuple[Path, float]:
     from easyanimate.training.vae import train_vae
 
@@ -51,10 +59,15 @@ def train(curated: Path, work: Path, args) -> tuple[Path, float]:
     model_overrides = {"latent_channels": args.latent_channels} if args.latent_channels else {}
     if args.pixel_shortcut is not None:
         model_overrides["pixel_shortcut"] = args.pixel_shortcut
+    if args.block_out_channels:
+        model_overrides["block_out_channels"] = args.block_out_channels
+    if args.pixel_shortcut_motion is not None:
+        model_overrides["pixel_shortcut_motion"] = args.pixel_shortcut_motion
     settings = load_settings(preset="tiny", overrides={
         "paths": {"checkpoints": str(work / "ckpt"), "reports": str(work / "reports")},
         "vae": {"model": model_overrides,
-                "stage1": {**common, "steps": args.stage1_steps, "learning_rate": args.stage1_lr},
+                "stage1": {**common, "steps": args.stage1_steps, "learning_rate": args.stage1_lr,
+                           **({"init_logvar": args.init_logvar} if args.init_logvar is not None else {})},
                 "stage2": {**common, "steps": args.stage2_steps, "learning_rate": args.stage2_lr}},
     })
     began = time.perf_counter()
@@ -87,9 +100,13 @@ def main() -> None:
     parser.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--init-logvar", type=float, help="override vae.stage1.init_logvar of the tiny preset")
+    parser.add_argument("--block-out-channels", type=int, nargs="+", help="override the tiny preset's VAE widths")
     parser.add_argument("--latent-channels", type=int, help="override the tiny preset's latent channels")
     parser.add_argument("--pixel-shortcut", action=argparse.BooleanOptionalAction, default=None,
                         help="override the tiny preset's vae.model.pixel_shortcut")
+    parser.add_argument("--pixel-shortcut-motion", action=argparse.BooleanOptionalAction, default=None,
+                        help="override the tiny preset's vae.model.pixel_shortcut_motion")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -113,6 +130,7 @@ def main() -> None:
         vae = SliceVAE.from_pretrained(model_dir).eval()
         s, t = vae.spatial_compression, vae.temporal_compression
         vae_psnr, vae_ssim = score(clips, vae.reconstruct_video)
+        posterior_noise = latent_noise_ratio(vae, clips[0])
         seen_psnr, seen_ssim = score(seen, vae.reconstruct_video) if seen else (float("nan"), float("nan"))
     base_psnr, base_ssim = score(clips, lambda c: naive_codec(c, s, t))
 
@@ -120,6 +138,8 @@ def main() -> None:
     print(f"{'Slice VAE (' + str(model_dir if args.model else 'trained here') + ')':34s} {vae_psnr:8.2f} {vae_ssim:7.3f}")
     print(f"{f'naive area {s}x{s}x{t} + trilinear':34s} {base_psnr:8.2f} {base_ssim:7.3f}")
     print(f"{'(Slice VAE on its training clips)':34s} {seen_psnr:8.2f} {seen_ssim:7.3f}")
+    print("posterior std / spread of the means, per latent channel (held-out clip; near 1 = a channel carries "
+          "no information): " + " ".join(f"{r:.3f}" for r in posterior_noise))
     margin = vae_psnr - base_psnr
     print(f"\nVAE - baseline: {margin:+.2f} dB PSNR (goal >= +3 dB: {'met' if margin >= 3 else 'NOT met'})")
     if train_seconds is not None:

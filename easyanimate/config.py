@@ -146,6 +146,10 @@ class VAEModelConfig(_Section):
     # colour and the decoder adds them back upsampled, so the networks learn only the detail. Off in the paper
     # preset (EasyAnimate's VAE has none); on in tiny, where training is CPU-minutes on a few clips.
     pixel_shortcut: bool = False
+    # With pixel_shortcut, the next latent channel carries each cell's luminance slope over its 4 frames (and the
+    # decoder adds it back as a ramp): the channel is useful from step one, where a free channel starts as noise
+    # the decoder learns to ignore. Needs latent_channels > in_channels.
+    pixel_shortcut_motion: bool = False
     # Spatial tiling geometry; whether to tile is a runtime switch (SliceVAE.enable_tiling, CLI --tile).
     tile_sample_size: int = Field(256, ge=8, description="tile edge in pixels, a multiple of the spatial compression")
     tile_overlap_factor: float = Field(0.25, ge=0, le=0.5, description="share of a tile that overlaps its neighbour")
@@ -207,6 +211,10 @@ class VAETrainConfig(TrainStageConfig):
 
 class VAEStage1Config(VAETrainConfig):
     kl_weight: float = Field(1e-6, ge=0)
+    # A fresh VAE's posterior starts at std 1 (logvar 0): a latent channel the decoder does not use yet is then
+    # pure noise, so the decoder never learns to use it and the tiny KL keeps it there (posterior collapse).
+    # Starting the log-variance low makes every channel carry signal from step one. None = the layer's own init.
+    init_logvar: float | None = Field(None, le=0, description="initial posterior log-variance of a fresh VAE")
     perceptual_weight: float = Field(1.0, ge=0, description="LPIPS weight; used only when weights.lpips is set")
     # After training, scaling_factor = 1 / std of the training latents (as Stable Diffusion derived 0.18215 for
     # its VAE), so the DiT sees unit-variance latents; stage 2 keeps the encoder and so the factor.

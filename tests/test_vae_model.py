@@ -356,14 +356,15 @@ def test_cli_vae_reconstruct_with_tiles(tmp_path):
     assert (info.num_frames, info.height, info.width) == (8, 32, 56)
 
 
-def test_pixel_shortcut_alone_is_a_block_mean_codec_and_keeps_slicing_exact():
-    """With the learned branches silenced the shortcut VAE is exactly block means + bilinear/hold upsampling;
-    with them live, slicing and causality still hold."""
-    from easyanimate.models.vae.slice_vae import _block_means, _expand_means
+@pytest.mark.parametrize("motion", [False, True])
+def test_pixel_shortcut_alone_is_a_block_mean_codec_and_keeps_slicing_exact(motion):
+    """With the learned branches silenced the shortcut VAE is exactly block means + bilinear/hold upsampling (plus,
+    with motion, each cell's luminance ramp over its 4 frames); with them live, slicing and causality still hold."""
+    from easyanimate.models.vae.slice_vae import _block_means, _block_slopes, _expand_means, _expand_slopes
 
     torch.manual_seed(0)
     vae = SliceVAE(latent_channels=4, block_out_channels=(8, 8, 16, 16), norm_groups=4, pixel_shortcut=True,
-                   encoder_slice_frames=4, decoder_slice_latents=1).eval()
+                   pixel_shortcut_motion=motion, encoder_slice_frames=4, decoder_slice_latents=1).eval()
     x = torch.rand(1, 3, 12, 32, 48) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
@@ -373,15 +374,37 @@ def test_pixel_shortcut_alone_is_a_block_mean_codec_and_keeps_slicing_exact():
         later = x.clone()
         later[:, :, 8:] = 0  # frames of latent 2 only
         assert torch.allclose(vae.encode(later).latent_dist.mode()[:, :, :2], z[:, :, :2], atol=1e-5)
+        assert torch.allclose(vae.decode(z[:, :, :2]).sample, live[:, :, :8], atol=1e-5)
         for conv in (vae.quant_conv, vae.decoder.conv_out):
             conv.weight.zero_()
             conv.bias.zero_()
         z = vae.encode(x).latent_dist.mode()
         means = _block_means(x, 8)
-        assert torch.allclose(z[:, :3], means, atol=1e-6) and torch.count_nonzero(z[:, 3:]) == 0
-        assert torch.allclose(vae.decode(z).sample, _expand_means(means, 8, is_image=False), atol=1e-6)
+        assert torch.allclose(z[:, :3], means, atol=1e-6)
+        expected = _expand_means(means, 8, is_image=False)
+        if motion:
+            slopes = _block_slopes(x, 8)
+            assert torch.allclose(z[:, 3:], slopes, atol=1e-6)
+            expected = expected + _expand_slopes(slopes, 8, is_image=False)
+        else:
+            assert torch.count_nonzero(z[:, 3:]) == 0
+        assert torch.allclose(vae.decode(z).sample, expected, atol=1e-5)
         image = x[:, :, :1]
-        assert torch.allclose(vae.decode(vae.encode(image).latent_dist.mode()).sample,
-                              _expand_means(_block_means(image, 8), 8, is_image=True), atol=1e-6)
+        zi = vae.encode(image).latent_dist.mode()
+        assert torch.count_nonzero(zi[:, 3:]) == 0  # one frame has no slope
+        assert torch.allclose(vae.decode(zi).sample, _expand_means(_block_means(image, 8), 8, is_image=True), atol=1e-6)
     with pytest.raises(ValueError, match="latent_channels"):
         SliceVAE(latent_channels=2, pixel_shortcut=True)
+    with pytest.raises(ValueError, match="pixel_shortcut_motion"):
+        SliceVAE(latent_channels=3, pixel_shortcut=True, pixel_shortcut_motion=True)
+
+
+def test_motion_shortcut_codes_a_brightness_ramp_exactly():
+    """A cell that brightens linearly over its 4 frames is coded by its mean and slope alone (no learned part)."""
+    from easyanimate.models.vae.slice_vae import _block_slopes, _expand_slopes
+
+    ramp = torch.linspace(-0.6, 0.6, 4).view(1, 1, 4, 1, 1).expand(1, 3, 4, 8, 8)
+    video = ramp.repeat(1, 1, 2, 1, 1)  # two latent frames, same ramp
+    slopes = _block_slopes(video, 8)
+    assert slopes.shape == (1, 1, 2, 1, 1)
+    assert torch.allclose(_expand_slopes(slopes, 8, is_image=False).expand_as(video), video, atol=1e-6)

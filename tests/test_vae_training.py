@@ -207,3 +207,27 @@ def test_stage1_fits_the_scaling_factor_and_stage2_keeps_it(curated, tmp_path):
     assert float((z * factor).std()) == pytest.approx(1.0, rel=0.35)  # other windows, same statistics
     train_vae(settings, 2, curated, s2, tmp_path / "c2", init_dir=s1, show_progress=False)
     assert SliceVAE.from_pretrained(s2).config.scaling_factor == factor
+
+
+def test_init_logvar_starts_a_fresh_posterior_quiet_but_not_a_warm_start(curated, tmp_path):
+    """At the default logvar 0 an unused latent channel is pure noise and stays unused; init_logvar avoids that."""
+    from easyanimate.data.datasets import load_clip_frames
+
+    x = load_clip_frames(curated, "val", 32, 8.0)[0].frames[:8].float().permute(1, 0, 2, 3).unsqueeze(0) / 127.5 - 1
+
+    def logvar(folder: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return SliceVAE.from_pretrained(folder).eval().encode(x).latent_dist.logvar
+
+    settings = make_settings(tmp_path, stage1={"steps": 1, "init_logvar": -6.0, "learning_rate": 1e-5})
+    train_vae(settings, 1, curated, tmp_path / "quiet", tmp_path / "c1", show_progress=False)
+    assert logvar(tmp_path / "quiet").sub(-6.0).abs().max() < 0.05
+
+    default = make_settings(tmp_path, stage1={"steps": 1, "init_logvar": None, "learning_rate": 1e-5})
+    train_vae(default, 1, curated, tmp_path / "loud", tmp_path / "c2", show_progress=False)
+    assert logvar(tmp_path / "loud").abs().mean() < 1.0  # the layer's own init: std about 1
+
+    # Retraining from a champion keeps its learned posterior.
+    warm = make_settings(tmp_path, stage1={"steps": 1, "init_logvar": -6.0, "learning_rate": 1e-5})
+    train_vae(warm, 1, curated, tmp_path / "warm", tmp_path / "c3", init_dir=tmp_path / "loud", show_progress=False)
+    assert torch.allclose(logvar(tmp_path / "warm"), logvar(tmp_path / "loud"), atol=0.05)

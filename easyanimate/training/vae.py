@@ -147,7 +147,12 @@ def train_vae(
     torch.manual_seed(cfg.seed)
     if stage == 1:
         # init_dir warm-starts stage 1 (retraining continues from the champion's VAE).
-        model = SliceVAE.from_pretrained(init_dir) if init_dir is not None else build_vae(settings)
+        if init_dir is not None:
+            model = SliceVAE.from_pretrained(init_dir)
+        else:
+            model = build_vae(settings)
+            if settings.vae.stage1.init_logvar is not None:
+                model.init_posterior_logvar(settings.vae.stage1.init_logvar)
     else:
         if init_dir is None:
             raise ValueError("VAE stage 2 starts from the stage 1 model: pass init_dir")

@@ -355,13 +355,43 @@ def _block_means(x: torch.Tensor, spatial: int) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
+def _temporal_ramp(like: torch.Tensor) -> torch.Tensor:
+    """Unit-norm, zero-mean linear ramp over the 4 frames of a latent frame, shaped to broadcast over (B, 1, 4, ...)."""
+    ramp = torch.arange(TEMPORAL_COMPRESSION, dtype=like.dtype, device=like.device) - (TEMPORAL_COMPRESSION - 1) / 2
+    return (ramp / ramp.norm()).view(1, 1, TEMPORAL_COMPRESSION, 1, 1, 1)
+
+
+def _block_slopes(x: torch.Tensor, spatial: int) -> torch.Tensor:
+    """(B, 1, T/4, h, w): each cell's luminance projected on the temporal ramp of its latent frame's 4 frames,
+    i.e. how much it brightens or darkens across them (motion seen at block scale). Zero for an image."""
+    b, c, t, h, w = x.shape
+    if t == 1:
+        return x.new_zeros(b, 1, 1, h // spatial, w // spatial)
+    luma = F.avg_pool2d(x.mean(1).reshape(b * t, 1, h, w), spatial).reshape(
+        b, 1, t // TEMPORAL_COMPRESSION, TEMPORAL_COMPRESSION, h // spatial, w // spatial)
+    return (luma * _temporal_ramp(x).transpose(2, 3)).sum(3)
+
+
+def _upsample_cells(z: torch.Tensor, spatial: int) -> torch.Tensor:
+    b, c, t, h, w = z.shape
+    return F.interpolate(z.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=float(spatial), mode="bilinear",
+                         align_corners=False).reshape(b, t, c, h * spatial, w * spatial).transpose(1, 2)
+
+
 def _expand_means(z: torch.Tensor, spatial: int, is_image: bool) -> torch.Tensor:
     """Inverse of _block_means up to detail: bilinear in space per frame, each latent frame held for its 4 frames
     (nothing from later latents, so decoding stays causal and slice-exact)."""
-    b, c, t, h, w = z.shape
-    y = F.interpolate(z.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=float(spatial), mode="bilinear",
-                      align_corners=False).reshape(b, t, c, h * spatial, w * spatial).transpose(1, 2)
+    y = _upsample_cells(z, spatial)
     return y if is_image else y.repeat_interleave(TEMPORAL_COMPRESSION, dim=2)
+
+
+def _expand_slopes(slopes: torch.Tensor, spatial: int, is_image: bool) -> torch.Tensor:
+    """Inverse of _block_slopes for every colour channel alike: bilinear in space, the ramp over the 4 frames."""
+    if is_image:
+        return torch.zeros_like(_upsample_cells(slopes, spatial))
+    y = _upsample_cells(slopes, spatial)  # (B, 1, T/4, H, W)
+    b, _, t, h, w = y.shape
+    return (y.unsqueeze(3) * _temporal_ramp(y).transpose(2, 3)).reshape(b, 1, t * TEMPORAL_COMPRESSION, h, w)
 
 
 class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
@@ -392,10 +422,13 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         tile_sample_size: int = 256,
         tile_overlap_factor: float = 0.25,
         pixel_shortcut: bool = False,
+        pixel_shortcut_motion: bool = False,
     ):
         super().__init__()
         if pixel_shortcut and latent_channels < in_channels:
             raise ValueError(f"pixel_shortcut needs latent_channels >= in_channels ({in_channels})")
+        if pixel_shortcut_motion and not (pixel_shortcut and latent_channels > in_channels):
+            raise ValueError(f"pixel_shortcut_motion needs pixel_shortcut and latent_channels > in_channels ({in_channels})")
         if len(block_out_channels) < 3:
             raise ValueError("block_out_channels needs >= 3 levels: two resampling stages carry the 4x temporal factor")
         if encoder_slice_frames <= 0 or encoder_slice_frames % TEMPORAL_COMPRESSION:
@@ -413,6 +446,13 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         self.quant_conv = nn.Conv3d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, 1)
         self.decoder = Decoder3d(latent_channels, in_channels, block_out_channels, layers_per_block, norm_groups)
+
+    @torch.no_grad()
+    def init_posterior_logvar(self, logvar: float) -> None:
+        """Make the posterior log-variance a constant ``logvar`` (for training from scratch; it stays learnable)."""
+        half = self.config.latent_channels
+        self.quant_conv.weight[half:].zero_()
+        self.quant_conv.bias[half:].fill_(logvar)
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -487,8 +527,11 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         moments = self.quant_conv(self.encoder(x))
         if self.config.pixel_shortcut:
             # The first latent channels carry the block means of the pixels; the network learns the residual.
-            means = _block_means(x, self.spatial_compression)
-            moments = torch.cat([moments[:, : means.shape[1]] + means, moments[:, means.shape[1] :]], dim=1)
+            shortcut = _block_means(x, self.spatial_compression)
+            if self.config.pixel_shortcut_motion:
+                shortcut = torch.cat([shortcut, _block_slopes(x, self.spatial_compression)], dim=1)
+            n = shortcut.shape[1]
+            moments = torch.cat([moments[:, :n] + shortcut, moments[:, n:]], dim=1)
         return moments
 
     def _encode_frames(self, x: torch.Tensor, use_slicing: bool) -> torch.Tensor:
@@ -523,7 +566,10 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
     def _decode(self, z: torch.Tensor, is_image: bool) -> torch.Tensor:
         sample = self.decoder(self.post_quant_conv(z), is_image)
         if self.config.pixel_shortcut:
-            sample = sample + _expand_means(z[:, : self.config.in_channels], self.spatial_compression, is_image)
+            c, sc = self.config.in_channels, self.spatial_compression
+            sample = sample + _expand_means(z[:, :c], sc, is_image)
+            if self.config.pixel_shortcut_motion:
+                sample = sample + _expand_slopes(z[:, c : c + 1], sc, is_image)
         return sample
 
     def _decode_latents(self, z: torch.Tensor, is_image: bool, use_slicing: bool) -> torch.Tensor:
