@@ -38,7 +38,8 @@ def candidate_from_version(client: MlflowClient, name: str, version: str) -> Can
     metrics = _eval_metrics(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
     return Candidate(str(version), metrics, _bool(tags.get("data_gate_passed")), _bool(tags.get("eval_passed")),
                      tags.get("eval_reasons", "") if tags.get("eval_passed") != "True" else "",
-                     tags.get("eval_data_dvc_hash", ""), tags.get("eval_protocol_hash", ""))
+                     tags.get("eval_data_dvc_hash", ""), tags.get("eval_protocol_hash", ""),
+                     tags.get("eval_latent_space", ""))
 
 
 def current_yardstick(settings: Settings) -> tuple[str, str]:
@@ -73,11 +74,13 @@ def on_yardstick(client: MlflowClient, settings: Settings, candidate: Candidate,
                                                          dst_path=str(workdir / f"v{candidate.version}")))
         pipeline_dir = next(local.rglob("model_index.json")).parent
         report = evaluate_pipeline(settings, pipeline_dir, settings.paths.curated, workdir / f"eval_v{candidate.version}")
-        entry = {"metrics": report.metrics, "passed": report.passed, "reasons": report.reasons}
+        entry = {"metrics": report.metrics, "passed": report.passed, "reasons": report.reasons,
+                 "latent_space": report.context.get("latent_space", "")}
         if not dry_run:
             client.set_model_version_tag(name, candidate.version, cache_key, json.dumps(entry)[:TAG_VALUE_LIMIT])
         source = f"re-evaluated on data {data} (stored metrics were on {candidate.data_hash or 'unknown data'})"
-    updated = replace(candidate, metrics=entry["metrics"], data_hash=data, protocol_hash=protocol)
+    updated = replace(candidate, metrics=entry["metrics"], data_hash=data, protocol_hash=protocol,
+                      latent_space=entry.get("latent_space") or candidate.latent_space)
     if as_challenger:  # its evaluation gate is the one on the current held-out set
         updated = replace(updated, eval_gate_passed=entry["passed"], eval_reasons="; ".join(entry["reasons"]))
     return updated, source
@@ -115,6 +118,8 @@ def decision_tags(decision: Decision, challenger: Candidate, champion: Candidate
         "promotion.margins": dump(settings.registry.promotion.model_dump()),
         "promotion.data_dvc_hash": challenger.data_hash,
         "promotion.protocol_hash": challenger.protocol_hash,
+        "promotion.latent_space": challenger.latent_space,
+        "promotion.champion_latent_space": champion.latent_space if champion else "",
     }
 
 

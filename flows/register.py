@@ -94,6 +94,7 @@ def register_pipeline(settings: Settings, client: MlflowClient, parent_run_id: s
             "eval_reasons": "; ".join(gate["reasons"]) or "all gates passed",
             "eval_data_dvc_hash": context.get("data_dvc_hash", ""),
             "eval_protocol_hash": context.get("protocol_hash", ""),
+            "eval_latent_space": context.get("latent_space", ""),
             "eval_num_val_clips": str(len(context.get("val_clip_ids", []))),
             **{f"skipped.{k}": v for k, v in gate.get("skipped", {}).items()},
             **{k: f"{v:.6g}" for k, v in eval_metrics.items()},

@@ -14,9 +14,9 @@ POLICY = PromotionConfig()
 BASE = {"eval/val_loss": 1.0, "eval/vae_psnr": 20.0, "eval/vae_ssim": 0.6, "eval/flicker": 0.1}
 
 
-def cand(version: str, data_gate=True, eval_gate=True, data="d1", protocol="p1", **metrics) -> Candidate:
+def cand(version: str, data_gate=True, eval_gate=True, data="d1", protocol="p1", latent="z1", **metrics) -> Candidate:
     return Candidate(version, {**BASE, **{f"eval/{k}": v for k, v in metrics.items()}}, data_gate, eval_gate,
-                     "" if eval_gate else "eval/val_loss 9 > evaluate.max_val_loss 1.5", data, protocol)
+                     "" if eval_gate else "eval/val_loss 9 > evaluate.max_val_loss 1.5", data, protocol, latent)
 
 
 # ------------------------------------------------------------------------------------------ the rule
@@ -59,12 +59,37 @@ def test_metrics_from_different_data_or_protocol_are_never_compared():
     assert not decide(cand("2", val_loss=0.1, protocol="p2"), cand("1"), POLICY).promote
 
 
+def test_val_loss_is_compared_only_between_versions_sharing_a_vae_latent_space():
+    """A DiT val loss lives in its own VAE's latent space: across different VAEs a lower loss proves nothing."""
+    champion = cand("1")
+    other_vae = decide(cand("2", latent="z2", val_loss=0.5), champion, POLICY)
+    assert not other_vae.promote and "eval/val_loss not compared: the versions' VAEs encode differently" in other_vae.reason
+    assert "min_psnr_gain" in other_vae.reason and "min_val_loss_decrease" not in other_vae.reason
+    row = {r.metric: r for r in other_vae.comparisons}["eval/val_loss"]
+    assert not row.comparable and row.gain is None and row.within_tolerance
+    # Nor does a worse val loss block a new VAE that is better in pixel space.
+    better_vae = decide(cand("2", latent="z2", val_loss=3.0, vae_psnr=21.0), champion, POLICY)
+    assert better_vae.promote and "eval/vae_psnr better by 1" in better_vae.reason
+    assert "not compared" in better_vae.reason
+    # Unrecorded latent space (versions registered before it was tagged): never assumed equal.
+    assert not decide(cand("2", latent="", val_loss=0.5), cand("1", latent=""), POLICY).promote
+    assert decide(cand("2", val_loss=0.5), champion, POLICY).promote
+
+
+def test_promotion_report_marks_latent_metrics_not_compared():
+    from easyanimate.evaluation.report import promotion_markdown
+
+    challenger, champion = cand("2", latent="z2", vae_psnr=21.0), cand("1")
+    md = promotion_markdown(decide(challenger, champion, POLICY), challenger, champion, "stored metrics")
+    assert "| eval/val_loss | 1 | 1 | | | not compared: different VAE latent spaces |" in md
+
+
 def test_missing_or_non_finite_champion_metrics_are_not_compared():
-    champion = Candidate("1", {"eval/val_loss": 1.0}, True, True, "", "d1", "p1")
+    champion = Candidate("1", {"eval/val_loss": 1.0}, True, True, "", "d1", "p1", "z1")
     result = decide(cand("2", val_loss=0.9), champion, POLICY)
     assert result.promote
     assert {r.metric: r.gain for r in result.comparisons}["eval/vae_psnr"] is None
-    nan_champion = Candidate("1", {**BASE, "eval/val_loss": math.nan}, True, True, "", "d1", "p1")
+    nan_champion = Candidate("1", {**BASE, "eval/val_loss": math.nan}, True, True, "", "d1", "p1", "z1")
     assert not decide(cand("2"), nan_champion, POLICY).promote  # nothing comparable improved
 
 
@@ -151,6 +176,7 @@ def test_registry_promotion_with_degraded_and_better_models(tmp_path, monkeypatc
     tags = client.get_model_version(name, "3").tags
     assert not v3["promoted"] and aliases() == {"champion": "1", "challenger": "3"}
     assert tags["eval_passed"] == "True"
+    assert tags["promotion.latent_space"] == tags["promotion.champion_latent_space"] == tags["eval_latent_space"] != ""
     assert tags["promotion.reason"].startswith("regression: eval/val_loss worse by")
     assert "registry.promotion.max_val_loss_increase 0.01" in tags["promotion.reason"]
     assert json.loads(tags["promotion.champion_metrics"])["eval/val_loss"] == pytest.approx(

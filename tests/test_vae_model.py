@@ -408,3 +408,21 @@ def test_motion_shortcut_codes_a_brightness_ramp_exactly():
     slopes = _block_slopes(video, 8)
     assert slopes.shape == (1, 1, 2, 1, 1)
     assert torch.allclose(_expand_slopes(slopes, 8, is_image=False).expand_as(video), video, atol=1e-6)
+
+
+def test_latent_space_id_follows_the_encoder_side_only():
+    """Same encoder weights, config and scaling factor -> same latents -> same id; decoder and slicing don't count."""
+    torch.manual_seed(0)
+    vae = SliceVAE(latent_channels=4, block_out_channels=(8, 8, 16, 16), norm_groups=4)
+    base = vae.latent_space_id()
+    torch.manual_seed(0)
+    assert SliceVAE(latent_channels=4, block_out_channels=(8, 8, 16, 16), norm_groups=4,
+                    encoder_slice_frames=4, decoder_slice_latents=1).latent_space_id() == base
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)  # stage 2 fine-tunes the decoder: latents unchanged
+        assert vae.latent_space_id() == base
+        vae.encoder.conv_in.bias.add_(1e-3)
+    moved = vae.latent_space_id()
+    assert moved != base
+    vae.register_to_config(scaling_factor=0.5)
+    assert vae.latent_space_id() not in (base, moved)

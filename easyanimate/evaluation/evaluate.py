@@ -207,6 +207,7 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
 
     out_dir = Path(out_dir)
     context = {"data_dvc_hash": dvc_hash(curated_dir), "protocol_hash": evaluation_protocol_hash(settings),
+               "latent_space": pipe.vae.latent_space_id(),
                "val_clip_ids": sorted(c.clip_id for c in clips)}
     if retrieval is not None:
         context["caption_retrieval"] = retrieval.table()

@@ -55,6 +55,10 @@ def promotion_markdown(decision: Decision, challenger: Candidate, champion: Cand
             if row is None:
                 table.append(f"| {key} | {_fmt(challenger.metrics.get(key))} | {_fmt(champion.metrics.get(key))} | | | |")
                 continue
+            if not row.comparable:
+                table.append(f"| {key} | {_fmt(row.challenger)} | {_fmt(row.champion)} | | | not compared: "
+                             f"different VAE latent spaces |")
+                continue
             ok = ("improved" if row.improved else "within") if row.within_tolerance else "WORSE"
             tolerance = f"{row.tolerance:g} (registry.promotion.{rule_for(key).tolerance_setting})"
             table.append(f"| **{key}** | {_fmt(row.challenger)} | {_fmt(row.champion)} | {_fmt(row.gain)} | "

@@ -28,6 +28,8 @@ its per-frame GroupNorm statistics are the tile's, not the frame's; the overlap 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from typing import Callable, Iterator
 
 import numpy as np
@@ -446,6 +448,24 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         self.quant_conv = nn.Conv3d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, 1)
         self.decoder = Decoder3d(latent_channels, in_channels, block_out_channels, layers_per_block, norm_groups)
+
+    # Config keys that change how (not what) the model computes: slicing is exact and tiling is off by default.
+    _EXECUTION_KEYS = frozenset({"encoder_slice_frames", "decoder_slice_latents", "tile_sample_size",
+                                 "tile_overlap_factor"})
+
+    @torch.no_grad()
+    def latent_space_id(self) -> str:
+        """sha256 of everything that decides the scaled latents: the encoder-side weights and the config (scaling
+        factor included). DiTs trained on VAEs with different ids live in different latent spaces, so their
+        latent-space metrics (the DiT validation loss) cannot be compared."""
+        digest = hashlib.sha256()
+        config = {k: v for k, v in self.config.items() if not k.startswith("_") and k not in self._EXECUTION_KEYS}
+        digest.update(json.dumps(config, sort_keys=True, default=list).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            if name.startswith(("encoder.", "quant_conv.")):
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     @torch.no_grad()
     def init_posterior_logvar(self, logvar: float) -> None:
