@@ -107,10 +107,6 @@ def stage_inputs_hash(name: str, settings: Settings) -> str:
 
 # Which component of a pipeline folder warm-starts which first stage (retraining from the champion).
 WARM_START_COMPONENTS = {"vae_stage1": "vae", "dit_stage1": "transformer"}
-# Saved config keys that are not architecture: a champion whose VAE fitted its own scaling factor, or that
-# slices/tiles differently, still warm-starts (stage 1 refits the factor).
-RUNTIME_CONFIG_KEYS = frozenset({"scaling_factor", "encoder_slice_frames", "decoder_slice_latents",
-                                 "tile_sample_size", "tile_overlap_factor"})
 
 
 def warm_start_dir(name: str, settings: Settings) -> Path | None:
@@ -129,8 +125,13 @@ def warm_start_mismatches(settings: Settings, pipeline_dir: Path) -> list[str]:
     """
     import torch
 
+    from easyanimate.models.vae import SliceVAE
     from easyanimate.training.dit import build_transformer
     from easyanimate.training.vae import build_vae
+
+    # Saved config keys that are not architecture: a champion whose VAE fitted its own scaling factor, or that
+    # slices/tiles differently, still warm-starts (stage 1 refits the factor).
+    runtime_keys = SliceVAE.EXECUTION_CONFIG_KEYS | {"scaling_factor"}
 
     problems: list[str] = []
     configs = {}
@@ -151,7 +152,7 @@ def warm_start_mismatches(settings: Settings, pipeline_dir: Path) -> list[str]:
     for component, model in fresh.items():
         section = "vae.model" if component == "vae" else "dit.model"
         for key, want in model.config.items():
-            if key.startswith("_") or key not in configs[component] or key in RUNTIME_CONFIG_KEYS:
+            if key.startswith("_") or key not in configs[component] or key in runtime_keys:
                 continue
             have = configs[component][key]
             if json.loads(json.dumps(want)) != have:

@@ -450,7 +450,7 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         self.decoder = Decoder3d(latent_channels, in_channels, block_out_channels, layers_per_block, norm_groups)
 
     # Config keys that change how (not what) the model computes: slicing is exact and tiling is off by default.
-    _EXECUTION_KEYS = frozenset({"encoder_slice_frames", "decoder_slice_latents", "tile_sample_size",
+    EXECUTION_CONFIG_KEYS = frozenset({"encoder_slice_frames", "decoder_slice_latents", "tile_sample_size",
                                  "tile_overlap_factor"})
 
     @torch.no_grad()
@@ -459,7 +459,7 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         factor included). DiTs trained on VAEs with different ids live in different latent spaces, so their
         latent-space metrics (the DiT validation loss) cannot be compared."""
         digest = hashlib.sha256()
-        config = {k: v for k, v in self.config.items() if not k.startswith("_") and k not in self._EXECUTION_KEYS}
+        config = {k: v for k, v in self.config.items() if not k.startswith("_") and k not in self.EXECUTION_CONFIG_KEYS}
         digest.update(json.dumps(config, sort_keys=True, default=list).encode())
         for name, tensor in sorted(self.state_dict().items()):
             if name.startswith(("encoder.", "quant_conv.")):
