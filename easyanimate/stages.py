@@ -1,66 +1,94 @@
-"""The pipeline's stages as plain library calls: what each reads, writes and depends on.
+"""The pipeline's DAG, described once: every stage's entry, inputs, outputs and settings.
 
-This is the one description of the DAG. Prefect flows (``flows/``), the CLI and ``dvc.yaml`` all
-run these functions; ``tests/test_dvc.py`` checks that ``dvc.yaml`` agrees with ``STAGES``.
+Everything else is derived from ``STAGES``: the Prefect flows loop over it, ``easyanimate run NAME``
+executes a spec, ``dvc.yaml`` is generated from it (``easyanimate dvc-yaml``), and a stage's code version
+is the content of the project modules its entry imports (transitively), never a hand-kept list.
+
+A stage entry is ``run(settings, ctx: StageContext) -> StageResult`` (``easyanimate.stage_api``). This
+module is deliberately not imported by any entry, so editing the DAG changes no stage's code version.
 """
 
 from __future__ import annotations
 
-import csv
+import ast
 import hashlib
+import importlib
 import importlib.util
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable
 
 from easyanimate.config import Settings
-from easyanimate.utils import atomic_write_json, atomic_write_text, hash_path
+from easyanimate.stage_api import StageContext, StageFailed, StageResult
+from easyanimate.utils import hash_path
+
+PACKAGE = "easyanimate"
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
 class StageSpec:
     name: str
+    entry: str  # "module:function", called as function(settings, ctx) -> StageResult
     deps: tuple[str, ...]  # names of ``settings.paths`` fields this stage reads
     outs: tuple[str, ...]  # names of ``settings.paths`` fields this stage writes
-    params: tuple[str, ...]  # dotted settings sections that configure it
-    modules: tuple[str, ...]  # library modules whose code defines it
+    params: tuple[str, ...]  # dotted settings sections that configure it (checked against its code)
+    trains: bool = False  # trains a model with resumable checkpoints (a registered pipeline's lineage)
+    warm_start: str | None = None  # pipeline component that can start it instead of a fresh model (retraining)
+    plots: tuple[tuple[str, str, str], ...] = ()  # report files plotted by DVC: (file, x, y)
+    report_outs: tuple[str, ...] = ()  # extra report files/folders DVC versions (folders cached, files not)
+    report_deps: tuple[str, ...] = ()  # other stages' report files it reads, relative to paths.reports
+    description: str = ""
+
+    def load(self) -> Callable[[Settings, StageContext], StageResult]:
+        module, _, function = self.entry.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    @property
+    def module(self) -> str:
+        return self.entry.partition(":")[0]
 
 
-_COMMON = ("easyanimate.config", "easyanimate.stages", "easyanimate.utils")
-_TRAIN = ("easyanimate.training.common", "easyanimate.data.datasets")
+_LOSS = (("loss.csv", "step", "loss"),)
+_DIT = ("dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout", "dit.mixed_precision",
+        "weights.text_encoder")
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("curate", ("raw_videos", "captions"), ("curated",), ("curate", "weights"),
-              ("easyanimate.data.curate", "easyanimate.data.scenes", "easyanimate.data.video_io",
-               "easyanimate.data.manifest", "easyanimate.data.quality", "easyanimate.data.filters",
-               "easyanimate.data.captioners")),
-    StageSpec("vae_stage1", ("curated",), ("vae_stage1",),
+    StageSpec("curate", "easyanimate.data.curate:run_stage", ("raw_videos", "captions"), ("curated",),
+              ("curate", "weights.ocr", "weights.aesthetic_clip", "weights.aesthetic_head", "weights.captioner"),
+              description="scene split, filters, captions, manifest and quality gate"),
+    StageSpec("vae_stage1", "easyanimate.training.vae:run_stage1", ("curated",), ("vae_stage1",),
               ("vae.model", "vae.stage1", "vae.eval", "vae.mixed_precision", "weights.lpips"),
-              ("easyanimate.training.vae", "easyanimate.models.vae") + _TRAIN),
-    StageSpec("vae_stage2", ("curated", "vae_stage1"), ("vae_stage2",), ("vae.stage2", "vae.eval", "vae.mixed_precision"),
-              ("easyanimate.training.vae", "easyanimate.models.vae") + _TRAIN),
-    StageSpec("dit_stage1", ("curated", "vae_stage2"), ("dit_stage1",),
-              ("dit.model", "dit.stage1", "dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout",
-               "dit.mixed_precision", "weights.text_encoder"),
-              ("easyanimate.training.dit", "easyanimate.models.dit", "easyanimate.models.text_encoder") + _TRAIN),
-    StageSpec("dit_stage2", ("curated", "vae_stage2", "dit_stage1"), ("dit_stage2",),
-              ("dit.stage2", "dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout",
-               "dit.mixed_precision", "weights.text_encoder"),
-              ("easyanimate.training.dit", "easyanimate.models.dit", "easyanimate.models.text_encoder") + _TRAIN),
-    StageSpec("dit_stage3", ("curated", "vae_stage2", "dit_stage2"), ("dit_stage3",),
-              ("dit.stage3", "dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout",
-               "dit.mixed_precision", "weights.text_encoder"),
-              ("easyanimate.training.dit", "easyanimate.models.dit", "easyanimate.models.text_encoder") + _TRAIN),
-    StageSpec("lora", ("curated", "vae_stage2", "dit_stage3"), ("lora",), ("lora", "dit.num_train_timesteps",
-              "dit.beta_schedule", "weights.text_encoder"),
-              ("easyanimate.training.lora", "easyanimate.training.dit") + _TRAIN),
-    StageSpec("evaluate", ("curated", "vae_stage2", "dit_stage3"), ("pipeline",),
-              ("evaluate", "generate", "dit.num_train_timesteps", "dit.beta_schedule", "weights.text_encoder"),
-              ("easyanimate.evaluation.evaluate", "easyanimate.pipelines")),
-    StageSpec("register", ("pipeline", "lora"), (), ("registry",), ()),
+              trains=True, warm_start="vae", plots=_LOSS, description="Slice VAE: encoder + decoder"),
+    StageSpec("vae_stage2", "easyanimate.training.vae:run_stage2", ("curated", "vae_stage1"), ("vae_stage2",),
+              ("vae.stage2", "vae.eval", "vae.mixed_precision"),
+              trains=True, plots=_LOSS, description="Slice VAE: decoder only"),
+    StageSpec("dit_stage1", "easyanimate.training.dit:run_stage1", ("curated", "vae_stage2"), ("dit_stage1",),
+              ("dit.model", "dit.stage1", *_DIT), trains=True, warm_start="transformer", plots=_LOSS,
+              description="video DiT on images"),
+    StageSpec("dit_stage2", "easyanimate.training.dit:run_stage2", ("curated", "vae_stage2", "dit_stage1"),
+              ("dit_stage2",), ("dit.stage2", *_DIT), trains=True, plots=_LOSS, description="video DiT: motion"),
+    StageSpec("dit_stage3", "easyanimate.training.dit:run_stage3", ("curated", "vae_stage2", "dit_stage2"),
+              ("dit_stage3",), ("dit.stage3", *_DIT), trains=True, plots=_LOSS,
+              description="video DiT: full fine-tune on the best clips"),
+    StageSpec("lora", "easyanimate.training.lora:run_stage", ("curated", "vae_stage2", "dit_stage3"), ("lora",),
+              ("lora", "dit.num_train_timesteps", "dit.beta_schedule", "weights.text_encoder"),
+              trains=True, plots=_LOSS, description="LoRA adapter on the DiT"),
+    StageSpec("evaluate", "easyanimate.evaluation.evaluate:run_stage", ("curated", "vae_stage2", "dit_stage3"),
+              ("pipeline",), ("evaluate", "generate", "dit.num_train_timesteps", "dit.beta_schedule",
+                              "weights.text_encoder"),
+              plots=(("val_loss.csv", "timestep", "val_loss"),),
+              report_outs=("samples", "report.md", "eval_context.json", "gate.json"),
+              description="assemble the pipeline, score it on held-out clips, decide its gate"),
+    StageSpec("register", "easyanimate.registry:run_stage", ("curated", "pipeline", "lora"), (),
+              ("registry", "lora.registered_model", "lora.default_scale"),
+              report_outs=("registered.json", "promotion.md"),
+              report_deps=("evaluate/gate.json", "evaluate/metrics.json", "evaluate/eval_context.json"),
+              description="register a model version, promote it only if it is better"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+TRAINED_STAGES = tuple(s.name for s in STAGES if s.trains)
 
 
 def get_stage(name: str) -> StageSpec:
@@ -70,24 +98,162 @@ def get_stage(name: str) -> StageSpec:
     raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
 
 
-def _module_files(module: str) -> list[Path]:
+def producer(path_field: str) -> str | None:
+    """The stage that writes ``settings.paths.<path_field>`` (None for raw inputs)."""
+    return next((s.name for s in STAGES if path_field in s.outs), None)
+
+
+def upstream_stages(name: str) -> tuple[str, ...]:
+    """Stages whose outputs ``name`` reads directly, in DAG order."""
+    spec = get_stage(name)
+    found = {producer(dep) for dep in spec.deps} - {None}
+    return tuple(s for s in STAGE_NAMES if s in found)
+
+
+def descendants(name: str) -> set[str]:
+    out: set[str] = set()
+    for spec in STAGES:
+        if name in upstream_stages(spec.name) or out & set(upstream_stages(spec.name)):
+            out.add(spec.name)
+    return out
+
+
+# ------------------------------------------------------------------------------- derived code version
+def _module_file(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
-    if spec is None:
-        return []
-    if spec.submodule_search_locations:
-        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
-    return [Path(spec.origin)]
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _is_project_module(name: str) -> bool:
+    return name == PACKAGE or name.startswith(PACKAGE + ".")
+
+
+def _imports_of(module: str, file: Path) -> set[str]:
+    """Project modules ``file`` imports anywhere (module level or inside functions)."""
+    is_package = file.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            found.add(source)
+            for alias in node.names:  # ``from pkg import submodule``
+                found.add(f"{source}.{alias.name}")
+    return {m for m in found if _is_project_module(m) and _module_file(m) is not None}
+
+
+@lru_cache(maxsize=None)
+def module_closure(module: str) -> tuple[str, ...]:
+    """``module`` and every project module it imports, transitively, with the packages that hold them."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # importing runs parent __init__s
+        file = _module_file(name)
+        if file is not None:
+            todo.extend(_imports_of(name, file) - seen)
+    return tuple(sorted(m for m in seen if _module_file(m) is not None))
+
+
+def stage_modules(name: str) -> tuple[str, ...]:
+    return module_closure(get_stage(name).module)
+
+
+def stage_files(name: str) -> tuple[Path, ...]:
+    return tuple(sorted({_module_file(m) for m in stage_modules(name)}))
+
+
+def _code_hash(name: str) -> str:
+    digest = hashlib.sha256()
+    for file in stage_files(name):
+        digest.update(str(file.relative_to(PACKAGE_DIR)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def stage_version(name: str, settings: Settings) -> str:
     """Changes when the stage's code or its settings change (Prefect task ``version``)."""
     spec = get_stage(name)
-    digest = hashlib.sha256()
-    for module in _COMMON + spec.modules:
-        for file in _module_files(module):
-            digest.update(file.read_bytes())
+    digest = hashlib.sha256(_code_hash(name).encode())
     digest.update(settings.section_hash(*spec.params).encode() if spec.params else b"")
     return digest.hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------- settings the code reads
+def _settings_chain(node: ast.AST) -> list[str] | None:
+    """``settings.a.b.c`` (or ``self.settings...``) -> ["a", "b", "c"]."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+        if isinstance(node, ast.Attribute) and node.attr == "settings":
+            break
+    root = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+    if root != "settings" or not parts:
+        return None
+    return parts[::-1]
+
+
+def settings_read_by(module: str) -> set[str]:
+    """Dotted settings sections (two levels deep) read as ``settings.X.Y`` in one module's source."""
+    file = _module_file(module)
+    fields = set(Settings.model_fields)
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Attribute):
+            chain = _settings_chain(node)
+            if chain and chain[0] in fields:
+                out.add(".".join(chain[:2]))
+    return out
+
+
+_INPUT_SECTIONS = ("paths", "preset", "retrain")  # deps/outs and warm start are inputs, not params
+
+
+def params_problems(name: str) -> list[str]:
+    """Where a stage's declared ``params`` and the settings its code reads disagree.
+
+    Each section read in the stage's code must be declared by it, or by a stage whose entry module that
+    code imports (shared helpers, e.g. the DiT stages' module used by LoRA); each declared one must be read.
+    """
+    spec = get_stage(name)
+    closure = stage_modules(name)
+    read = set().union(*(settings_read_by(m) for m in closure))
+    allowed = set(spec.params)
+    for other in STAGES:
+        if other.module in closure:
+            allowed.update(other.params)
+
+    def covered(section: str, by: Iterable[str]) -> bool:
+        return any(section == p or section.startswith(p + ".") or p.startswith(section + ".") for p in by)
+
+    problems = [f"{name}: its code reads settings.{s} but params does not declare it"
+                for s in sorted(read) if s.split(".")[0] not in _INPUT_SECTIONS and not covered(s, allowed)]
+    problems += [f"{name}: declares {p} but its code never reads it" for p in spec.params if not covered(p, read)]
+    return problems
+
+
+# ------------------------------------------------------------------------------- inputs, cache keys
+def warm_start_dir(name: str, settings: Settings) -> Path | None:
+    """The folder stage ``name`` starts from instead of a fresh model (``retrain.init_pipeline``), if any."""
+    spec = get_stage(name)
+    init = settings.retrain.init_pipeline
+    if init is None or spec.warm_start is None:
+        return None
+    return Path(init) / spec.warm_start
 
 
 def stage_inputs_hash(name: str, settings: Settings) -> str:
@@ -98,79 +264,15 @@ def stage_inputs_hash(name: str, settings: Settings) -> str:
         path = getattr(settings.paths, dep)
         digest.update(dep.encode())
         digest.update(hash_path(path).encode() if path.exists() else b"missing")
+    for report in spec.report_deps:
+        path = settings.paths.reports / report
+        digest.update(report.encode())
+        digest.update(hash_path(path).encode() if path.exists() else b"missing")
     init = warm_start_dir(name, settings)
     if init is not None:  # a new champion to continue from is a new input
         digest.update(b"init")
         digest.update(hash_path(init).encode() if init.exists() else b"missing")
     return digest.hexdigest()[:16]
-
-
-# Which component of a pipeline folder warm-starts which first stage (retraining from the champion).
-WARM_START_COMPONENTS = {"vae_stage1": "vae", "dit_stage1": "transformer"}
-
-
-def warm_start_dir(name: str, settings: Settings) -> Path | None:
-    """The folder stage ``name`` starts from instead of a fresh model (``retrain.init_pipeline``), if any."""
-    init = settings.retrain.init_pipeline
-    if init is None or name not in WARM_START_COMPONENTS:
-        return None
-    return Path(init) / WARM_START_COMPONENTS[name]
-
-
-def warm_start_mismatches(settings: Settings, pipeline_dir: Path) -> list[str]:
-    """Why ``pipeline_dir``'s VAE/transformer cannot continue under ``settings`` (empty when they can).
-
-    Compares each saved ``config.json`` with the config of the model the settings build (built on the
-    meta device, so checking a paper-size model allocates nothing).
-    """
-    import torch
-
-    from easyanimate.models.vae import SliceVAE
-    from easyanimate.training.dit import build_transformer
-    from easyanimate.training.vae import build_vae
-
-    # Saved config keys that are not architecture: a champion whose VAE fitted its own scaling factor, or that
-    # slices/tiles differently, still warm-starts (stage 1 refits the factor).
-    runtime_keys = SliceVAE.EXECUTION_CONFIG_KEYS | {"scaling_factor"}
-
-    problems: list[str] = []
-    configs = {}
-    for component in WARM_START_COMPONENTS.values():
-        file = Path(pipeline_dir) / component / "config.json"
-        if not file.exists():
-            problems.append(f"{file} is missing")
-        else:
-            configs[component] = json.loads(file.read_text())
-    if problems:
-        return problems
-    with torch.device("meta"):
-        fresh = {
-            "vae": build_vae(settings),
-            "transformer": build_transformer(settings, settings.vae.model.latent_channels,
-                                             configs["transformer"].get("text_embed_dim", 0)),
-        }
-    for component, model in fresh.items():
-        section = "vae.model" if component == "vae" else "dit.model"
-        for key, want in model.config.items():
-            if key.startswith("_") or key not in configs[component] or key in runtime_keys:
-                continue
-            have = configs[component][key]
-            if json.loads(json.dumps(want)) != have:
-                problems.append(f"{section}: {component}.{key} is {have!r} in {pipeline_dir.name}, settings give {want!r}")
-    return problems
-
-
-def _check_warm_start(settings: Settings) -> None:
-    problems = warm_start_mismatches(settings, Path(settings.retrain.init_pipeline))
-    if problems:
-        raise ValueError("retrain.init_pipeline cannot warm-start these settings:\n  " + "\n  ".join(problems))
-
-
-def outputs_present(name: str, settings: Settings) -> bool:
-    spec = get_stage(name)
-    return all(getattr(settings.paths, out).exists() for out in spec.outs) and (
-        report_dir(settings, name) / "metrics.json"
-    ).exists()
 
 
 def report_dir(settings: Settings, name: str) -> Path:
@@ -182,109 +284,110 @@ def checkpoint_dir(settings: Settings, name: str) -> Path:
     return settings.paths.checkpoints / f"{name}-{stage_inputs_hash(name, settings)}"
 
 
-def write_reports(settings: Settings, name: str, metrics: dict, losses: Sequence[float] | None = None) -> Path:
-    """``reports/<stage>/metrics.json`` (DVC metrics) and ``loss.csv`` (DVC plots)."""
-    out = report_dir(settings, name)
-    if losses is not None:
-        rows = ["step,loss"] + [f"{i + 1},{loss:.6f}" for i, loss in enumerate(losses)]
-        atomic_write_text(out / "loss.csv", "\n".join(rows) + "\n")
-    atomic_write_json(out / "metrics.json", metrics)
-    return out / "metrics.json"
+def outputs_present(name: str, settings: Settings) -> bool:
+    spec = get_stage(name)
+    return all(getattr(settings.paths, out).exists() for out in spec.outs) and (
+        report_dir(settings, name) / "metrics.json"
+    ).exists()
 
 
-@dataclass
-class StageResult:
-    name: str
-    metrics: dict
-    outputs: dict[str, Path] = field(default_factory=dict)
-    artifacts: list[Path] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
+# ------------------------------------------------------------------------------- running a stage
+def make_context(name: str, settings: Settings, **overrides) -> StageContext:
+    trains = get_stage(name).trains
+    return StageContext(report_dir=report_dir(settings, name),
+                        checkpoint_dir=checkpoint_dir(settings, name) if trains else settings.paths.checkpoints / name,
+                        warm_start=warm_start_dir(name, settings), **overrides)
 
 
-# ------------------------------------------------------------------------------- training stages
-def run_vae_stage(settings: Settings, stage: int, trackers=None, show_progress: bool = True) -> StageResult:
-    from easyanimate.training.vae import evaluate_vae, perceptual_status, train_vae
+def run_stage(name: str, settings: Settings, ctx: StageContext | None = None, track: bool = False,
+              **context) -> StageResult:
+    """Run one stage's entry; with ``track``, inside its own MLflow run (lineage tags, params, metrics,
+    artifacts). Raises ``StageFailed`` after logging when the stage's own gate refused its result."""
+    spec = get_stage(name)
+    ctx = ctx or make_context(name, settings, **context)
+    entry = spec.load()
+    if not track:
+        result = entry(settings, ctx)
+    else:
+        from easyanimate.lineage import dvc_hash
+        from easyanimate.tracking import MLflowRunTracker, log_files, log_metrics, stage_run
 
-    name = f"vae_stage{stage}"
-    out = getattr(settings.paths, name)
-    cfg = settings.vae.stage1 if stage == 1 else settings.vae.stage2
-    init = settings.paths.vae_stage1 if stage == 2 else warm_start_dir(name, settings)
-    if stage == 1 and init is not None:
-        _check_warm_start(settings)
-    result = train_vae(
-        settings, stage, settings.paths.curated, out, ckpt_dir=checkpoint_dir(settings, name),
-        init_dir=init, trackers=trackers, show_progress=show_progress,
-    )
-    # Held-out reconstruction quality on the val clips, at the stage's training resolution and frame rate.
-    eval_metrics, videos = evaluate_vae(settings, out, settings.paths.curated, report_dir(settings, name),
-                                        cfg.resolution, cfg.sample_fps)
-    metrics = {**result.metrics(name), **{f"{name}/{k}": v for k, v in eval_metrics.items()}}
-    info: dict = {"parent": str(init) if init else None}
-    if stage == 1:
-        perceptual = perceptual_status(settings)
-        metrics[f"{name}/perceptual_enabled"] = float(perceptual.enabled)
-        info["perceptual_loss"] = perceptual.reason
-    write_reports(settings, name, metrics, result.losses)
-    return StageResult(name, metrics, {name: out}, [report_dir(settings, name) / "loss.csv", *videos], info=info)
+        tags = {"upstream_run_id": ctx.upstream_run_id or ""}
+        if "curated" in spec.deps and settings.paths.curated.exists():
+            tags["curated_data_dvc_hash"] = dvc_hash(settings.paths.curated)
+        with stage_run(settings, name, ctx.parent_run_id, **tags) as run:
+            run_id = run.info.run_id
+            ctx = replace(ctx, run_id=run_id, trackers=[*ctx.trackers, MLflowRunTracker(run_id)])
+            result = entry(settings, ctx)
+            result.run_id = run_id
+            log_metrics(result.metrics)
+            log_files(result.artifacts, name)
+            if result.tags:
+                import mlflow
 
-
-def run_dit_stage(settings: Settings, stage: int, trackers=None, show_progress: bool = True) -> StageResult:
-    from easyanimate.training.dit import render_samples, train_dit
-
-    name = f"dit_stage{stage}"
-    out = getattr(settings.paths, name)
-    init = {1: warm_start_dir(name, settings), 2: settings.paths.dit_stage1, 3: settings.paths.dit_stage2}[stage]
-    if stage == 1 and init is not None:
-        _check_warm_start(settings)
-    result = train_dit(
-        settings, stage, settings.paths.curated, settings.paths.vae_stage2, out,
-        ckpt_dir=checkpoint_dir(settings, name), init_dir=init, trackers=trackers, show_progress=show_progress,
-    )
-    metrics = result.metrics(name)
-    write_reports(settings, name, metrics, result.losses)
-    samples = render_samples(settings, settings.paths.vae_stage2, out, report_dir(settings, name) / "samples")
-    return StageResult(name, metrics, {name: out}, [report_dir(settings, name) / "loss.csv", *samples],
-                       info={"parent": str(init) if init else None})
+                mlflow.set_tags(result.tags)
+    return result
 
 
-def run_lora_stage(settings: Settings, trackers=None, show_progress: bool = True) -> StageResult:
-    from easyanimate.training.lora import train_lora
-
-    result = train_lora(
-        settings, settings.paths.curated, settings.paths.vae_stage2, settings.paths.dit_stage3, settings.paths.lora,
-        ckpt_dir=checkpoint_dir(settings, "lora"), trackers=trackers, show_progress=show_progress,
-    )
-    metrics = result.metrics("lora")
-    write_reports(settings, "lora", metrics, result.losses)
-    return StageResult("lora", metrics, {"lora": settings.paths.lora}, [report_dir(settings, "lora") / "loss.csv"])
+def raise_for_failure(result: StageResult) -> StageResult:
+    if result.failure:
+        raise StageFailed(result.failure)
+    return result
 
 
-def run_evaluate_stage(settings: Settings, show_progress: bool = True) -> StageResult:
-    from easyanimate.evaluation.evaluate import assemble_pipeline, evaluate_pipeline
-
-    assemble_pipeline(settings, settings.paths.vae_stage2, settings.paths.dit_stage3, settings.paths.pipeline)
-    report = evaluate_pipeline(settings, settings.paths.pipeline, settings.paths.curated, report_dir(settings, "evaluate"))
-    write_reports(settings, "evaluate", report.metrics)
-    atomic_write_json(report_dir(settings, "evaluate") / "gate.json",
-                      {"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped})
-    return StageResult("evaluate", report.metrics, {"pipeline": settings.paths.pipeline}, report.artifacts,
-                       info={"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped})
+# ------------------------------------------------------------------------------- dvc.yaml
+def _has_key(data: dict, dotted: str) -> bool:
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def dvc_yaml(params_file: str | Path = "params.yaml", root: str | Path = ".") -> str:
+    """``dvc.yaml`` for the DAG: code deps from each stage's derived modules; params from the params file
+    and the preset it names (only the keys each file holds: defaults in code are covered by config.py)."""
+    import yaml
 
+    from easyanimate.config import PRESETS_DIR, load_settings
 
-def read_loss_csv(path: Path) -> list[tuple[int, float]]:
-    with open(path) as handle:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]
+    root = Path(root).resolve()
+    params_path = Path(params_file)
+    settings = load_settings(root / params_path)
+    overrides = yaml.safe_load((root / params_path).read_text()) or {}
+    preset_file = PRESETS_DIR / f"{settings.preset}.yaml"
+    preset_values = yaml.safe_load(preset_file.read_text()) or {}
 
+    def rel(path: Path) -> str:
+        path = Path(path)
+        return (path.resolve().relative_to(root) if path.is_absolute() else path).as_posix()
 
-TRAINING_RUNNERS: dict[str, Callable[..., StageResult]] = {
-    "vae_stage1": lambda s, **kw: run_vae_stage(s, 1, **kw),
-    "vae_stage2": lambda s, **kw: run_vae_stage(s, 2, **kw),
-    "dit_stage1": lambda s, **kw: run_dit_stage(s, 1, **kw),
-    "dit_stage2": lambda s, **kw: run_dit_stage(s, 2, **kw),
-    "dit_stage3": lambda s, **kw: run_dit_stage(s, 3, **kw),
-    "lora": run_lora_stage,
-}
+    stages: dict = {}
+    for spec in STAGES:
+        deps = [rel(getattr(settings.paths, d)) for d in spec.deps if d != "captions"]
+        deps += [rel(settings.paths.reports / r) for r in spec.report_deps]
+        deps += [rel(f) for f in stage_files(spec.name)]
+        params: list = [p for p in ("preset", *spec.params) if _has_key(overrides, p)]
+        from_preset = [p for p in spec.params if _has_key(preset_values, p)]
+        if from_preset:
+            params.append({rel(preset_file): from_preset})
+        stage: dict = {"cmd": f"easyanimate run {spec.name}", "deps": deps}
+        if params:
+            stage["params"] = params
+        reports = rel(report_dir(settings, spec.name))
+        outs: list = [rel(getattr(settings.paths, o)) for o in spec.outs]
+        if spec.name == "curate":  # DVC keeps the folder during a rerun: finished videos' records are reused
+            outs = [{outs[0]: {"persist": True}}]
+        for extra in spec.report_outs:
+            path = f"{reports}/{extra}"
+            outs.append(path if "." not in extra else {path: {"cache": False}})
+        if outs:
+            stage["outs"] = outs
+        stage["metrics"] = [{f"{reports}/metrics.json": {"cache": False}}]
+        if spec.plots:
+            stage["plots"] = [{f"{reports}/{f}": {"cache": False, "x": x, "y": y}} for f, x, y in spec.plots]
+        stages[spec.name] = stage
+    header = ("# GENERATED by `easyanimate dvc-yaml` from easyanimate/stages.py: do not edit by hand.\n"
+              "# Each stage runs its Prefect flow through `easyanimate run STAGE` (inside the project venv).\n")
+    return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
