@@ -39,7 +39,8 @@ def stages() -> None:
     from easyanimate.stages import STAGES
 
     for spec in STAGES:
-        typer.echo(f"{spec.name:12s} reads {', '.join(spec.deps) or '-':40s} writes {', '.join(spec.outs) or 'registry'}")
+        typer.echo(f"{spec.name:12s} reads {', '.join(spec.deps) or '-':32s} writes {', '.join(spec.outs) or 'registry':12s} "
+                   f"{spec.description}")
 
 
 @app.command()
@@ -49,45 +50,42 @@ def config(params: Optional[Path] = ParamsOpt, preset: Optional[str] = typer.Opt
 
 
 @app.command()
-def run(stage: str = typer.Argument(..., help="curate | vae_stage1 | vae_stage2 | dit_stage1 | dit_stage2 | "
-                                              "dit_stage3 | lora | evaluate | register"),
+def run(stage: str = typer.Argument(..., help="a stage name (see `easyanimate stages`)"),
         params: Optional[Path] = ParamsOpt) -> None:
-    """Run one stage's Prefect flow (this is what each ``dvc.yaml`` stage calls)."""
+    """Run one stage as a versioned, cached Prefect task (this is what each ``dvc.yaml`` stage calls)."""
     from easyanimate.stages import STAGE_NAMES
 
     if stage not in STAGE_NAMES:
         _fail(f"unknown stage {stage!r}; stages are {', '.join(STAGE_NAMES)}")
-    settings = _settings(params)
-    params_path = str(params) if params else None
-    from easyanimate.stages import stage_version
+    _settings(params)
+    from easyanimate.stage_api import StageFailed
+    from flows.common import stage_flow
 
-    version = stage_version(stage, settings)
-    if stage == "curate":
-        from flows.curate import curate_flow
+    try:
+        result = stage_flow(stage, str(params) if params else None)
+    except StageFailed as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"stage": stage, **result.get("metrics", {})}, indent=2, default=str))
 
-        result = curate_flow.with_options(version=version)(params_path)
-    elif stage.startswith("vae_stage"):
-        from flows.train_vae import train_vae_flow
 
-        result = train_vae_flow.with_options(version=version)(int(stage[-1]), params_path)
-    elif stage.startswith("dit_stage"):
-        from flows.train_dit import train_dit_flow
+@app.command("dvc-yaml")
+def dvc_yaml(params: Path = typer.Option(Path("params.yaml"), "--params", "-p", help="params file DVC reads"),
+             out: Path = typer.Option(Path("dvc.yaml"), help="file to write"),
+             check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if OUT differs")) -> None:
+    """Generate ``dvc.yaml`` from the stage specs (code deps derived from each stage's imports)."""
+    from easyanimate.stages import dvc_yaml as generate
+    from easyanimate.utils import atomic_write_text
 
-        result = train_dit_flow.with_options(version=version)(int(stage[-1]), params_path)
-    elif stage == "lora":
-        from flows.lora import lora_flow
-
-        result = lora_flow.with_options(version=version)(params_path)
-    elif stage == "evaluate":
-        from flows.evaluate import evaluate_flow
-
-        result = evaluate_flow.with_options(version=version)(params_path)
-    else:
-        from flows.register import register_flow
-
-        result = register_flow(params_path)
-    metrics = result.get("metrics", {}) if isinstance(result, dict) else {}
-    typer.echo(json.dumps({"stage": stage, **{k: v for k, v in metrics.items()}}, indent=2, default=str))
+    text = generate(params, Path.cwd())
+    if check:
+        if not out.exists() or out.read_text() != text:
+            typer.secho(f"{out} is out of date with easyanimate/stages.py and {params}: run `easyanimate dvc-yaml`",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{out} is up to date")
+        return
+    atomic_write_text(out, text)
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -111,16 +109,20 @@ def curate(input_dir: Path = typer.Argument(..., exists=True, file_okay=False),
            params: Optional[Path] = ParamsOpt) -> None:
     """Curate a folder of videos into OUTPUT_DIR/manifest.parquet and OUTPUT_DIR/clips/."""
     _settings(params, preset)
+    from easyanimate.stage_api import StageFailed
     from flows.curate import curate_flow
 
-    result = curate_flow(str(params) if params else None, str(input_dir), str(output_dir), preset=preset)
+    try:
+        result = curate_flow(str(params) if params else None, str(input_dir), str(output_dir), preset=preset)
+    except StageFailed as exc:
+        _fail(str(exc))
     typer.echo(json.dumps(result["metrics"], indent=2))
     typer.secho(f"manifest: {result['manifest']}  accepted clips: {result['accepted']}", fg=typer.colors.GREEN)
 
 
 def resolve_pipeline_dir(model: str, settings) -> Path:
     """A pipeline folder, or a registry URI (``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``)."""
-    from easyanimate.serving.resolve import pipeline_folder
+    from easyanimate.registry import pipeline_folder
 
     try:
         return pipeline_folder(model, settings.registry.tracking_uri)
@@ -146,7 +148,7 @@ def generate(prompt: str = typer.Argument(...),
     import torch
 
     from easyanimate.pipelines import EasyAnimatePipeline
-    from easyanimate.serving.resolve import lora_path
+    from easyanimate.registry import lora_path
 
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in ("mp4", "gif"):
@@ -177,7 +179,7 @@ def promote(version: Optional[str] = typer.Option(None, help="model version (def
     """Gated promotion: VERSION becomes champion only if its gates passed and it beats the champion by the
     margins in registry.promotion (the register stage runs this after every registration)."""
     settings = _settings(params)
-    from flows.promote import promote_version
+    from easyanimate.registry import promote_version
 
     try:
         outcome = promote_version(settings, version, dry_run=dry_run)

@@ -122,14 +122,25 @@ class CurateConfig(_Section):
     scenes: SceneConfig = SceneConfig()
     encode: EncodeConfig = EncodeConfig()
     probe: ProbeFilterConfig = ProbeFilterConfig()
+    # Clip filters in the order they run, cheapest first: a clip stops at its first rejection. Names are keys of
+    # easyanimate.data.filters.FILTERS; each filter reads its own section below.
+    filters: tuple[str, ...] = ("aesthetic", "motion", "text")
     aesthetic: AestheticFilterConfig = AestheticFilterConfig()
     text: TextFilterConfig = TextFilterConfig()
     motion: MotionFilterConfig = MotionFilterConfig()
     caption: CaptionConfig = CaptionConfig()
+    # Where filter and captioner models run (OCR, LAION, VLM); auto = cuda when torch sees a GPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     val_fraction: float = Field(0.2, ge=0, lt=1)
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: int = Field(2, ge=1)
     dask_address: str | None = None
+
+    @model_validator(mode="after")
+    def _unique_filters(self) -> "CurateConfig":
+        if len(set(self.filters)) != len(self.filters):
+            raise ValueError(f"filters lists a filter twice: {list(self.filters)}")
+        return self
 
 
 # ----------------------------------------------------------------------------------------- models

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib
-import importlib.util
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +33,7 @@ class StageSpec:
     deps: tuple[str, ...]  # names of ``settings.paths`` fields this stage reads
     outs: tuple[str, ...]  # names of ``settings.paths`` fields this stage writes
     params: tuple[str, ...]  # dotted settings sections that configure it (checked against its code)
+    cached: bool = True  # a Prefect cache hit skips it when code, settings and inputs are unchanged
     trains: bool = False  # trains a model with resumable checkpoints (a registered pipeline's lineage)
     warm_start: str | None = None  # pipeline component that can start it instead of a fresh model (retraining)
     plots: tuple[tuple[str, str, str], ...] = ()  # report files plotted by DVC: (file, x, y)
@@ -51,12 +51,13 @@ class StageSpec:
 
 
 _LOSS = (("loss.csv", "step", "loss"),)
+# Every DiT stage also renders its samples with the generation settings.
 _DIT = ("dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout", "dit.mixed_precision",
-        "weights.text_encoder")
+        "weights.text_encoder", "generate")
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("curate", "easyanimate.data.curate:run_stage", ("raw_videos", "captions"), ("curated",),
-              ("curate", "weights.ocr", "weights.aesthetic_clip", "weights.aesthetic_head", "weights.captioner"),
+    StageSpec("curate", "easyanimate.data.curate:run_stage", ("raw_videos", "captions"), ("curated",), cached=False,  # resumes per video instead
+              params=("curate", "weights.ocr", "weights.aesthetic_clip", "weights.aesthetic_head", "weights.captioner"),
               description="scene split, filters, captions, manifest and quality gate"),
     StageSpec("vae_stage1", "easyanimate.training.vae:run_stage1", ("curated",), ("vae_stage1",),
               ("vae.model", "vae.stage1", "vae.eval", "vae.mixed_precision", "weights.lpips"),
@@ -65,7 +66,7 @@ STAGES: tuple[StageSpec, ...] = (
               ("vae.stage2", "vae.eval", "vae.mixed_precision"),
               trains=True, plots=_LOSS, description="Slice VAE: decoder only"),
     StageSpec("dit_stage1", "easyanimate.training.dit:run_stage1", ("curated", "vae_stage2"), ("dit_stage1",),
-              ("dit.model", "dit.stage1", *_DIT), trains=True, warm_start="transformer", plots=_LOSS,
+              ("dit.model", "dit.stage1", "vae.model.latent_channels", *_DIT), trains=True, warm_start="transformer", plots=_LOSS,
               description="video DiT on images"),
     StageSpec("dit_stage2", "easyanimate.training.dit:run_stage2", ("curated", "vae_stage2", "dit_stage1"),
               ("dit_stage2",), ("dit.stage2", *_DIT), trains=True, plots=_LOSS, description="video DiT: motion"),
@@ -73,16 +74,17 @@ STAGES: tuple[StageSpec, ...] = (
               ("dit_stage3",), ("dit.stage3", *_DIT), trains=True, plots=_LOSS,
               description="video DiT: full fine-tune on the best clips"),
     StageSpec("lora", "easyanimate.training.lora:run_stage", ("curated", "vae_stage2", "dit_stage3"), ("lora",),
-              ("lora", "dit.num_train_timesteps", "dit.beta_schedule", "weights.text_encoder"),
+              ("lora", "curate.video_extensions", "dit.num_train_timesteps", "dit.beta_schedule",
+               "weights.text_encoder"),
               trains=True, plots=_LOSS, description="LoRA adapter on the DiT"),
     StageSpec("evaluate", "easyanimate.evaluation.evaluate:run_stage", ("curated", "vae_stage2", "dit_stage3"),
               ("pipeline",), ("evaluate", "generate", "dit.num_train_timesteps", "dit.beta_schedule",
-                              "weights.text_encoder"),
+                              "dit.model.max_text_tokens", "vae.stage1.sample_fps", "weights.text_encoder"),
               plots=(("val_loss.csv", "timestep", "val_loss"),),
               report_outs=("samples", "report.md", "eval_context.json", "gate.json"),
               description="assemble the pipeline, score it on held-out clips, decide its gate"),
-    StageSpec("register", "easyanimate.registry:run_stage", ("curated", "pipeline", "lora"), (),
-              ("registry", "lora.registered_model", "lora.default_scale"),
+    StageSpec("register", "easyanimate.registry:run_stage", ("curated", "pipeline", "lora"), (), cached=False,
+              params=("registry", "lora.registered_model", "lora.default_scale"),
               report_outs=("registered.json", "promotion.md"),
               report_deps=("evaluate/gate.json", "evaluate/metrics.json", "evaluate/eval_context.json"),
               description="register a model version, promote it only if it is better"),
@@ -120,21 +122,37 @@ def descendants(name: str) -> set[str]:
 
 # ------------------------------------------------------------------------------- derived code version
 def _module_file(module: str) -> Path | None:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+    """The source file of a project module, found on disk (importing it could run heavy code)."""
+    if not _is_project_module(module):
         return None
-    return Path(spec.origin)
+    base = PACKAGE_DIR.joinpath(*module.split(".")[1:])
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _is_project_module(name: str) -> bool:
     return name == PACKAGE or name.startswith(PACKAGE + ".")
 
 
+def _walk_executed(tree: ast.AST):
+    """``ast.walk`` minus ``if TYPE_CHECKING:`` bodies (imports for type hints only never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def _imports_of(module: str, file: Path) -> set[str]:
     """Project modules ``file`` imports anywhere (module level or inside functions)."""
     is_package = file.name == "__init__.py"
     found: set[str] = set()
-    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+    for node in _walk_executed(ast.parse(file.read_text(), str(file))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -294,9 +312,9 @@ def outputs_present(name: str, settings: Settings) -> bool:
 # ------------------------------------------------------------------------------- running a stage
 def make_context(name: str, settings: Settings, **overrides) -> StageContext:
     trains = get_stage(name).trains
-    return StageContext(report_dir=report_dir(settings, name),
-                        checkpoint_dir=checkpoint_dir(settings, name) if trains else settings.paths.checkpoints / name,
-                        warm_start=warm_start_dir(name, settings), **overrides)
+    defaults = {"report_dir": report_dir(settings, name), "warm_start": warm_start_dir(name, settings),
+                "checkpoint_dir": checkpoint_dir(settings, name) if trains else settings.paths.checkpoints / name}
+    return StageContext(**{**defaults, **overrides})
 
 
 def run_stage(name: str, settings: Settings, ctx: StageContext | None = None, track: bool = False,

@@ -1,112 +1,27 @@
-"""What every stage flow shares: MLflow runs, the accelerate→MLflow tracker, versioned cached tasks."""
+"""The one Prefect wrapper every stage shares: a versioned, cached task around ``easyanimate.stages.run_stage``.
+
+Flows add only what is Prefect's: task caching and retries, the task runner that fans out per-item
+work, and artifacts (tables, markdown, links) published from the stage's result.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import mlflow
-from accelerate.tracking import GeneralTracker
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from easyanimate.config import Settings, load_settings
-from easyanimate.lineage import git_commit, params_hash
-from easyanimate.stages import StageResult, get_stage, outputs_present, stage_inputs_hash, stage_version
+from easyanimate.config import CurateConfig, Settings, load_settings
+from easyanimate.stage_api import StageResult
+from easyanimate.stages import get_stage, make_context, outputs_present, raise_for_failure, run_stage, stage_inputs_hash, stage_version
 
-PARENT_RUN_ENV = "EASYANIMATE_MLFLOW_PARENT_RUN_ID"
 IO_ERRORS = (OSError, TimeoutError, ConnectionError)
 
 
-# ------------------------------------------------------------------------------------------ MLflow
-def setup_mlflow(settings: Settings) -> MlflowClient:
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", settings.registry.tracking_uri))
-    mlflow.set_experiment(settings.registry.experiment)
-    return MlflowClient()
+def settings_from(params_path: str | None, preset: str | None = None) -> Settings:
+    return load_settings(params_path, preset=preset)
 
 
-def _flatten(prefix: str, node: Any, out: dict[str, str]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
-    else:
-        out[prefix] = str(node)[:6000]
-
-
-def flat_params(settings: Settings, sections: tuple[str, ...]) -> dict[str, str]:
-    data = settings.model_dump(mode="json")
-    out: dict[str, str] = {}
-    for section in sections:
-        node: Any = data
-        for part in section.split("."):
-            node = node[part]
-        _flatten(section, node, out)
-    return out
-
-
-class MLflowRunTracker(GeneralTracker):
-    """accelerate tracker that writes into an already-open MLflow run (the stage's nested run)."""
-
-    name = "mlflow_run"
-    requires_logging_directory = False
-
-    def __init__(self, run_id: str):
-        super().__init__()
-        self.run_id = run_id
-        self.client = MlflowClient()
-
-    @property
-    def tracker(self) -> MlflowClient:
-        return self.client
-
-    def store_init_configuration(self, values: dict) -> None:
-        params = [Param(f"train.{k}", str(v)[:6000]) for k, v in values.items()]
-        if params:
-            self.client.log_batch(self.run_id, params=params)
-
-    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        now = int(time.time() * 1000)
-        metrics = [Metric(k.replace("/", "."), float(v), now, step or 0) for k, v in values.items()
-                   if isinstance(v, (int, float))]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
-
-
-@contextlib.contextmanager
-def stage_run(settings: Settings, name: str, parent_run_id: str | None = None, **tags: str) -> Iterator[mlflow.ActiveRun]:
-    """A (nested, when a parent is known) MLflow run for one stage, with lineage tags and params."""
-    setup_mlflow(settings)
-    parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV)
-    spec = get_stage(name)
-    all_tags = {
-        "stage": name,
-        "stage_version": stage_version(name, settings),
-        "git_commit": git_commit(),
-        "params_hash": params_hash(settings),
-        "preset": settings.preset,
-        **tags,
-    }
-    with mlflow.start_run(run_name=name, parent_run_id=parent_run_id, nested=parent_run_id is not None,
-                          tags=all_tags) as run:
-        if spec.params:
-            mlflow.log_params(flat_params(settings, spec.params))
-        yield run
-
-
-def log_stage_result(result: StageResult) -> None:
-    mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in result.metrics.items()
-                        if isinstance(v, (int, float))})
-    for artifact in result.artifacts:
-        if Path(artifact).exists():
-            mlflow.log_artifact(str(artifact), artifact_path=result.name)
-
-
-# ------------------------------------------------------------------------------------------ Prefect
 def _retry_on_io(task, task_run, state) -> bool:
     """Retry only transient I/O failures; a bad config or a NaN loss fails at once."""
     try:
@@ -118,58 +33,85 @@ def _retry_on_io(task, task_run, state) -> bool:
     return False
 
 
-def versioned_stage_task(name: str, settings: Settings, fn: Callable[..., dict]) -> Any:
-    """Wrap ``fn`` as the stage's Prefect task.
+def make_task_runner(cfg: CurateConfig):
+    if cfg.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise ImportError("curate.task_runner=dask needs the 'scale' extra: pip install -e '.[scale]'") from exc
+        if cfg.dask_address:
+            return DaskTaskRunner(address=cfg.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.max_workers, "threads_per_worker": 1})
+    from prefect.task_runners import ThreadPoolTaskRunner
 
-    ``version`` follows the stage's code and settings; the cache key adds the content of its inputs,
-    so an unchanged rerun is a cache hit. Missing outputs force a refresh instead of a stale hit.
-    """
-    version = stage_version(name, settings)
-    key = f"{name}-{stage_inputs_hash(name, settings)}"
-    return task(
-        fn,
-        name=name,
-        version=version,
-        retries=2,
-        retry_delay_seconds=2,
-        retry_condition_fn=_retry_on_io,
-        persist_result=True,
-        cache_key_fn=lambda *_: key,
-        refresh_cache=not outputs_present(name, settings),
-        log_prints=True,
-    )
+    return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
 
 
-def settings_from(params_path: str | None, preset: str | None = None) -> Settings:
-    return load_settings(params_path, preset=preset)
+def prefect_map(name: str, settings: Settings) -> Callable[..., list[Any]]:
+    """``StageContext.map`` on Prefect: one retried task per item, on the configured task runner."""
+
+    def map_items(fn: Callable[..., Any], items: list[Any], **shared: Any) -> list[Any]:
+        item_task = task(fn, name=f"{name}-item", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io,
+                         task_run_name=lambda: _item_run_name(name))
+
+        @flow(name=f"{name}-items", task_runner=make_task_runner(settings.curate))
+        def fan_out() -> list[Any]:
+            futures = item_task.map(items, **{k: unmapped(v) for k, v in shared.items()})
+            return [future.result() for future in futures]
+
+        return fan_out()
+
+    return map_items
 
 
-def stage_summary_artifact(name: str, metrics: dict, extra: str = "") -> None:
+def _item_run_name(stage: str) -> str:
+    from prefect.runtime import task_run
+
+    first = next(iter(task_run.parameters.values()), "")
+    return f"{stage}-{getattr(first, 'name', first)}"
+
+
+def publish_artifacts(result: StageResult) -> None:
+    for key, (description, rows) in result.tables.items():
+        create_table_artifact(key=key, table=rows, description=description)
+    for key, (description, markdown) in result.markdown.items():
+        create_markdown_artifact(key=key, markdown=markdown, description=description)
+    for key, (uri, text) in result.links.items():
+        create_link_artifact(key=key, link=uri, link_text=text)
     rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
-                     for k, v in sorted(metrics.items()))
-    create_markdown_artifact(
-        key=name.replace("_", "-"),
-        markdown=f"## {name}\n\n| metric | value |\n|---|---|\n{rows}\n\n{extra}",
-        description=f"{name} metrics",
-    )
+                     for k, v in sorted(result.metrics.items()))
+    create_markdown_artifact(key=result.name.replace("_", "-"), description=f"{result.name} metrics",
+                             markdown=f"## {result.name}\n\n| metric | value |\n|---|---|\n{rows}\n")
 
 
-def run_training_stage(name: str, settings: Settings, parent_run_id: str | None = None,
-                       upstream_run_id: str | None = None) -> dict:
-    """Run one training stage as a versioned, cached Prefect task inside its own MLflow run."""
-    from easyanimate.lineage import dvc_hash
-    from easyanimate.stages import TRAINING_RUNNERS
+def stage_task(name: str, settings: Settings, params_path: str | None = None, parent_run_id: str | None = None,
+               upstream_run_id: str | None = None, **context: Any) -> dict:
+    """Run stage ``name`` as a Prefect task inside its own MLflow run.
+
+    ``version`` follows the stage's derived code version and settings; a cached stage's key adds the content
+    of its inputs, so an unchanged rerun is a cache hit. Missing outputs force a refresh, not a stale hit.
+    """
+    spec = get_stage(name)
 
     def body() -> dict:
-        tags = {"upstream_run_id": upstream_run_id or "", "curated_data_dvc_hash": dvc_hash(settings.paths.curated)}
-        with stage_run(settings, name, parent_run_id, **tags) as run:
-            result = TRAINING_RUNNERS[name](settings, trackers=[MLflowRunTracker(run.info.run_id)])
-            if result.info.get("parent"):
-                mlflow.set_tag("parent_checkpoint", result.info["parent"])
-            log_stage_result(result)
-            return {"stage": name, "run_id": run.info.run_id, "metrics": result.metrics,
-                    "outputs": {k: str(v) for k, v in result.outputs.items()}}
+        ctx = make_context(name, settings, parent_run_id=parent_run_id, upstream_run_id=upstream_run_id,
+                           params_path=params_path, map=prefect_map(name, settings), **context)
+        result = run_stage(name, settings, ctx, track=True)
+        publish_artifacts(result)
+        raise_for_failure(result)
+        return result.summary()
 
-    out = versioned_stage_task(name, settings, body)()
-    stage_summary_artifact(name, out["metrics"])
-    return out
+    options: dict = {}
+    if spec.cached:
+        key = f"{name}-{stage_inputs_hash(name, settings)}"
+        options = {"persist_result": True, "cache_key_fn": lambda *_: key,
+                   "refresh_cache": not outputs_present(name, settings)}
+    return task(body, name=name, version=stage_version(name, settings), retries=2, retry_delay_seconds=2,
+                retry_condition_fn=_retry_on_io, log_prints=True, **options)()
+
+
+@flow(name="stage", log_prints=True, flow_run_name="{name}")
+def stage_flow(name: str, params_path: str | None = None, parent_run_id: str | None = None,
+               upstream_run_id: str | None = None) -> dict:
+    """Any one stage of the DAG (``easyanimate run NAME``; each ``dvc.yaml`` stage calls it)."""
+    return stage_task(name, settings_from(params_path), params_path, parent_run_id, upstream_run_id)

@@ -1,4 +1,4 @@
-"""The parent flow: curate → VAE 1, 2 → DiT 1, 2, 3 → LoRA → evaluate → register, then version data with DVC."""
+"""The parent flow: every stage of ``easyanimate.stages.STAGES`` in order, then DVC versions the data."""
 
 from __future__ import annotations
 
@@ -10,14 +10,9 @@ from pathlib import Path
 import mlflow
 from prefect import flow
 
-from easyanimate.stages import STAGE_NAMES, stage_version
-from flows.common import flat_params, settings_from, setup_mlflow
-from flows.curate import curate_flow
-from flows.evaluate import evaluate_flow
-from flows.lora import lora_flow
-from flows.register import register_flow
-from flows.train_dit import train_dit_flow
-from flows.train_vae import train_vae_flow
+from easyanimate.stages import STAGE_NAMES, STAGES, upstream_stages
+from easyanimate.tracking import flat_params, setup_mlflow
+from flows.common import settings_from, stage_task
 
 
 def dvc_version_outputs(push: bool = True) -> str:
@@ -42,33 +37,20 @@ def pipeline_flow(params_path: str | None = None, version_data: bool = True) -> 
             mlflow.log_artifact(str(params_path or "params.yaml"), artifact_path="config")
         mlflow.log_dict(settings.model_dump(mode="json"), "config/settings.json")
         pid = parent.info.run_id
-
-        def version(name: str) -> str:
-            return stage_version(name, settings)
-
-        results["curate"] = curate_flow.with_options(version=version("curate"))(params_path, parent_run_id=pid)
-        upstream = results["curate"]["run_id"]
-        for stage in (1, 2):
-            name = f"vae_stage{stage}"
-            results[name] = train_vae_flow.with_options(version=version(name))(stage, params_path, pid, upstream)
-            upstream = results[name]["run_id"]
-        for stage in (1, 2, 3):
-            name = f"dit_stage{stage}"
-            results[name] = train_dit_flow.with_options(version=version(name))(stage, params_path, pid, upstream)
-            upstream = results[name]["run_id"]
-        results["lora"] = lora_flow.with_options(version=version("lora"))(params_path, pid, upstream)
-        results["evaluate"] = evaluate_flow.with_options(version=version("evaluate"))(
-            params_path, pid, results["dit_stage3"]["run_id"])
-        results["register"] = register_flow(params_path, pid, results["evaluate"]["run_id"])
+        for spec in STAGES:
+            upstream = upstream_stages(spec.name)
+            upstream_run = results[upstream[-1]]["run_id"] if upstream else None
+            results[spec.name] = stage_task(spec.name, settings, params_path, pid, upstream_run)
         if version_data:
             results["dvc"] = {"status": dvc_version_outputs(push=True)}
             mlflow.set_tag("dvc", results["dvc"]["status"])
+        last = results[STAGE_NAMES[-1]]
         samples = [s for s in results["evaluate"].get("samples", []) if s.endswith(".mp4")]
-        mlflow.set_tags({"registered_model": results["register"]["uri"], "stages": ",".join(STAGE_NAMES)})
+        mlflow.set_tags({"registered_model": last.get("uri", ""), "stages": ",".join(STAGE_NAMES)})
     summary = {
         "generated_video": os.path.abspath(samples[0]) if samples else None,
-        "registered_model": results["register"]["uri"],
-        "alias": results["register"]["alias"],
+        "registered_model": last.get("uri"),
+        "alias": last.get("alias"),
         "mlflow_parent_run": pid,
         "results": results,
     }

@@ -5,8 +5,9 @@ New data arrives as video files in ``paths.raw_videos`` (a watched folder, or a 
 finished video has a record in ``<curated>/records/`` (DVC-tracked with the curated data), so only
 videos without one are processed. Training then warm-starts VAE stage 1 and DiT stage 1 from the
 current champion's weights (``retrain.from_champion``) instead of fresh models; evaluation and
-promotion run as in the pipeline. The library never talks to MLflow: this flow resolves the champion,
-downloads its pipeline folder and hands the folder over through ``retrain.init_pipeline``.
+promotion run as in the pipeline. The training stages never talk to MLflow: this flow resolves the
+champion and downloads its pipeline folder (``easyanimate.registry``), then hands the folder over through
+``retrain.init_pipeline``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import os
 from pathlib import Path
 
 import yaml
-from mlflow.tracking import MlflowClient
 from prefect import flow, task
 
 from easyanimate.config import PARAMS_ENV, Settings, load_settings
-from easyanimate.utils import atomic_directory, atomic_write_text
-from flows.common import settings_from, setup_mlflow
+from easyanimate.registry import WARM_START_TAG, champion_version, download_pipeline, tag_version
+from easyanimate.tracking import setup_mlflow
+from easyanimate.utils import atomic_write_text
 from flows.pipeline import pipeline_flow
 
 
@@ -36,28 +37,10 @@ def uncurated_videos(settings: Settings) -> list[str]:
             if not record_path(settings.paths.curated, file_hash(v), settings).exists()]
 
 
-def champion_version(client: MlflowClient, settings: Settings) -> str | None:
-    name, alias = settings.registry.model_name, settings.registry.champion_alias
-    models = client.search_registered_models(filter_string=f"name = '{name}'")
-    if not models or alias not in (models[0].aliases or {}):
-        return None
-    return str(models[0].aliases[alias])
-
-
 @task(name="download-champion", retries=2, retry_delay_seconds=5)
-def download_pipeline(settings: Settings, version: str) -> Path:
+def download_champion(settings: Settings, version: str) -> Path:
     """The champion's pipeline folder (``model_index.json``, ``vae/``, ``transformer/``…), downloaded once."""
-    import mlflow
-
-    name = settings.registry.model_name
-    dest = (settings.retrain.download_dir / f"{name}-v{version}").resolve()
-    if not dest.exists():
-        with atomic_directory(dest) as tmp:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
-    found = sorted(dest.rglob("model_index.json"))
-    if not found:
-        raise FileNotFoundError(f"models:/{name}/{version} holds no pipeline folder (no model_index.json)")
-    return found[0].parent
+    return download_pipeline(settings, version)
 
 
 def warm_start_params(params_path: str | None, init_pipeline: Path, settings: Settings, label: str) -> str:
@@ -77,9 +60,9 @@ def warm_start_params(params_path: str | None, init_pipeline: Path, settings: Se
 def retrain_flow(params_path: str | None = None, from_champion: bool | None = None,
                  version_data: bool = True) -> dict:
     """The whole pipeline, incremental: new videos only, warm start from ``@champion`` when there is one."""
-    from easyanimate.stages import warm_start_mismatches
+    from easyanimate.warm_start import warm_start_mismatches
 
-    settings = settings_from(params_path)
+    settings = load_settings(params_path)
     client = setup_mlflow(settings)
     new_videos = uncurated_videos(settings)
     print(f"{len(new_videos)} raw video(s) to curate: {', '.join(new_videos) or 'none (all cached)'}")
@@ -92,7 +75,7 @@ def retrain_flow(params_path: str | None = None, from_champion: bool | None = No
         if version is None:
             init_from = f"scratch: no models:/{name}@{alias} yet"
         else:
-            pipeline_dir = download_pipeline(settings, version)
+            pipeline_dir = download_champion(settings, version)
             problems = warm_start_mismatches(settings, pipeline_dir)
             if problems:
                 # A deliberate architecture change cannot continue old weights: retrain from scratch, say why.
@@ -105,8 +88,6 @@ def retrain_flow(params_path: str | None = None, from_champion: bool | None = No
     summary = pipeline_flow(run_params, version_data=version_data)
     client.set_tag(summary["mlflow_parent_run"], "retrain.init_from", init_from)
     client.set_tag(summary["mlflow_parent_run"], "retrain.new_videos", ",".join(new_videos) or "none")
-    registered = summary["registered_model"]  # models:/NAME/VERSION
-    if registered:
-        model, version = registered.removeprefix("models:/").rsplit("/", 1)
-        client.set_model_version_tag(model, version, "warm_start", init_from)
+    if summary["registered_model"]:  # models:/NAME/VERSION
+        tag_version(client, summary["registered_model"], {WARM_START_TAG: init_from})
     return {**summary, "init_from": init_from, "new_videos": new_videos}

@@ -14,13 +14,12 @@ from safetensors.torch import load_file
 from easyanimate.config import BucketConfig, ConfigError, load_settings
 from easyanimate.data.buckets import (
     BucketTable,
-    center_crop,
-    cover_size,
     draw_batch,
     frame_bucket,
     frame_buckets_for,
     group_indices,
 )
+from easyanimate.data.datasets import center_crop, cover_size
 from easyanimate.data.manifest import to_frame, write_manifest
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.vae import SliceVAE

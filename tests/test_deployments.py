@@ -182,9 +182,10 @@ def test_warm_start_checks_the_architecture(tmp_path):
     import torch
 
     from easyanimate.config import load_settings
-    from easyanimate.stages import warm_start_dir, warm_start_mismatches
+    from easyanimate.stages import warm_start_dir
     from easyanimate.training.dit import build_transformer
     from easyanimate.training.vae import build_vae
+    from easyanimate.warm_start import warm_start_mismatches
 
     settings = load_settings(REPO / "params.yaml")
     pipeline = tmp_path / "champion"

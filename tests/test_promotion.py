@@ -116,10 +116,9 @@ def test_registry_promotion_with_degraded_and_better_models(tmp_path, monkeypatc
 
     from easyanimate.cli import app
     from easyanimate.lineage import dvc_hash, model_lineage
-    from easyanimate.stages import run_evaluate_stage
-    from flows.common import stage_run
-    from flows.promote import promote_version
-    from flows.register import register_pipeline
+    from easyanimate.registry import promote_version, register_pipeline
+    from easyanimate.stages import run_stage
+    from easyanimate.tracking import stage_run
     from tests.test_evaluation import make_curated, save_tiny_models, tiny_settings
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands in the temp dir
@@ -134,7 +133,7 @@ def test_registry_promotion_with_degraded_and_better_models(tmp_path, monkeypatc
     def build_register_promote(settings, dit_noise: float, lineage_runs: bool = False) -> dict:
         save_tiny_models(settings, dit_noise=dit_noise)
         if not lineage_runs:
-            run_evaluate_stage(settings, show_progress=False)
+            run_stage("evaluate", settings, show_progress=False)
             register_pipeline(settings, client)
             return promote_version(settings, client=client)
         with mlflow.start_run(run_name="pipeline") as parent:
@@ -147,7 +146,7 @@ def test_registry_promotion_with_degraded_and_better_models(tmp_path, monkeypatc
             with stage_run(settings, "lora", pid, upstream_run_id=upstream):
                 pass
             with stage_run(settings, "evaluate", pid, upstream_run_id=upstream) as run:
-                run_evaluate_stage(settings, show_progress=False)
+                run_stage("evaluate", settings, show_progress=False)
             evaluate_run = run.info.run_id
             registered = register_pipeline(settings, client, pid, evaluate_run)
             outcome = promote_version(settings, registered["version"], client=client)

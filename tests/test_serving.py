@@ -180,7 +180,7 @@ def test_lora_adapter_is_its_own_registered_model_linked_to_the_base(registry, t
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flows.lora import register_lora_adapter
+    from easyanimate.registry import register_lora_adapter
 
     root = registry["root"]
     settings = load_settings(overrides={"paths": {"lora": str(root / "lora"), "pipeline": str(root / "pipeline")},

@@ -1,33 +1,142 @@
-"""The DAG is described once (easyanimate.stages); dvc.yaml and the library must agree with it."""
+"""The DAG is described once (easyanimate.stages); dvc.yaml, code versions and params derive from it."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from easyanimate.config import load_settings
-from easyanimate.stages import STAGE_NAMES, STAGES, stage_inputs_hash, stage_version
+from easyanimate.stages import (
+    STAGE_NAMES,
+    STAGES,
+    descendants,
+    dvc_yaml,
+    get_stage,
+    params_problems,
+    stage_files,
+    stage_inputs_hash,
+    stage_modules,
+    stage_version,
+)
 from tests.conftest import REPO
 
 
-def test_dvc_yaml_matches_stage_specs():
-    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    settings = load_settings(REPO / "params.yaml")
-    assert list(dvc) == list(STAGE_NAMES)
+def test_committed_dvc_yaml_is_the_generated_one():
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(REPO / "params.yaml", REPO), \
+        "dvc.yaml is stale: run `easyanimate dvc-yaml`"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGE_NAMES)
+    assert all(stage["cmd"] == f"easyanimate run {name}" for name, stage in stages.items())
+
+
+def test_code_versions_are_derived_from_imports():
+    dit, vae = set(stage_modules("dit_stage1")), set(stage_modules("vae_stage1"))
+    assert "easyanimate.data.buckets" in dit and "easyanimate.data.datasets" in dit
+    assert "easyanimate.data.buckets" not in vae  # bucketing is DiT code: editing it must not retrain the VAE
+    assert "easyanimate.config" in vae and "easyanimate.training.common" in vae
     for spec in STAGES:
-        stage = dvc[spec.name]
-        assert stage["cmd"] == f"easyanimate run {spec.name}"
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
-        for dep in spec.deps:
-            path = str(getattr(settings.paths, dep))
-            if dep != "captions":  # the captions file lives inside the raw-video folder dep
-                assert path in stage["deps"], f"{spec.name}: dvc.yaml lacks dep {path}"
-        for out in spec.outs:
-            assert str(getattr(settings.paths, out)) in outs, f"{spec.name}: dvc.yaml lacks out {out}"
-        for param in stage["params"]:
-            node = yaml.safe_load((REPO / "params.yaml").read_text())
-            for part in param.split("."):
-                node = node[part]  # every DVC param key must exist in params.yaml
+        if spec.name != "register":  # registration reads the DAG itself (lineage of every stage)
+            assert "easyanimate.stages" not in stage_modules(spec.name), f"{spec.name} imports the DAG"
+        assert "easyanimate.cli" not in stage_modules(spec.name)
+
+
+def test_declared_params_agree_with_what_the_code_reads():
+    assert [p for s in STAGE_NAMES for p in params_problems(s)] == []
+
+
+def test_library_with_cli_never_imports_prefect():
+    code = (
+        "import sys, importlib, pkgutil, easyanimate\n"
+        "for m in pkgutil.walk_packages(easyanimate.__path__, 'easyanimate.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.') or m.startswith('flows')]\n"
+        "assert not bad, bad[:5]\n"
+        "assert 'easyanimate.cli' in sys.modules and 'easyanimate.registry' in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def staleness(tmp_path_factory):
+    """A throwaway copy of the project with every stage's outputs committed to DVC, probed by
+    ``tests/staleness_probe.py`` (one process: Prefect cache keys and ``dvc status`` after each edit)."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "easyanimate", root / "easyanimate", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, root / name)
+    samples = root / "data" / "samples"
+    samples.mkdir(parents=True)
+    shutil.copy(REPO / "data" / "samples" / "captions.yaml", samples / "captions.yaml")
+    (samples / "clip.mp4").write_bytes(b"not decoded here")
+    settings = load_settings(root / "params.yaml")
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for stage in dvc.values():  # stand-in outputs: DVC only hashes them
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            path = root / (entry if isinstance(entry, str) else next(iter(entry)))
+            if path.suffix:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}\n")
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "weights.bin").write_bytes(path.name.encode())
+    env = {**os.environ, "PYTHONPATH": str(root), "DVC_NO_ANALYTICS": "1"}
+
+    def run(*cmd):
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+    run(sys.executable, "-m", "dvc", "init", "--no-scm", "-q")
+    run(sys.executable, "-m", "dvc", "commit", "-f", "-q")
+    assert settings.preset == "tiny"
+    out = run(sys.executable, str(REPO / "tests" / "staleness_probe.py"), "easyanimate/data/buckets.py")
+    return json.loads(out.stdout)
+
+
+def _dvc_params(stage: str, file: str) -> list[str]:
+    listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage].get("params", [])
+    if file == "params.yaml":
+        return [p for p in listed if isinstance(p, str)]
+    return [p for entry in listed if isinstance(entry, dict) for p in entry.get(file, [])]
+
+
+def _shares_entry(a: str, b: str) -> bool:
+    return get_stage(a).module == get_stage(b).module
+
+
+def test_editing_a_stage_module_stales_that_stage_and_descendants_only(staleness):
+    for spec in STAGES:
+        entry_file = spec.module.replace(".", "/") + ".py"
+        found = staleness["modules"][spec.name]
+        expected = sorted(s for s in STAGE_NAMES if entry_file in staleness["stage_files"][s])
+        assert found["prefect"] == expected and found["dvc"] == expected, (spec.name, found, expected)
+        assert spec.name in expected
+        assert all(s == spec.name or s in descendants(spec.name) or _shares_entry(s, spec.name) for s in expected)
+    buckets = staleness["files"]["easyanimate/data/buckets.py"]
+    assert buckets["prefect"] == buckets["dvc"]
+    assert {"dit_stage1", "dit_stage2", "dit_stage3", "lora", "evaluate"} <= set(buckets["prefect"])
+    assert set(buckets["prefect"]) <= {"dit_stage1"} | descendants("dit_stage1")  # nothing upstream: no VAE, no curate
+
+
+def test_changing_a_param_stales_the_stages_that_declare_it_and_nothing_else(staleness):
+    for key, found in staleness["params"].items():
+        name, param = key.split(":")
+        leaf = found["leaf"]
+        expected = sorted(s.name for s in STAGES if any(leaf == p or leaf.startswith(p + ".") for p in s.params))
+        assert name in expected and found["prefect"] == expected, (key, found, expected)
+        first = min(expected, key=STAGE_NAMES.index)
+        assert all(s == first or s in descendants(first) for s in expected), (key, expected)
+        # DVC tracks the keys dvc.yaml lists for the file that changed (a key set in neither file is a code
+        # default until a params file sets it and `easyanimate dvc-yaml` lists it).
+        tracked = sorted(s for s in STAGE_NAMES if any(leaf == p or leaf.startswith(p + ".")
+                                                       for p in _dvc_params(s, found["file"])))
+        assert found["dvc"] == tracked and set(tracked) <= set(expected), (key, found, tracked)
+    fully_tracked = sum(found["dvc"] == found["prefect"] for found in staleness["params"].values())
+    assert fully_tracked >= 0.8 * len(staleness["params"])
 
 
 def test_stage_version_follows_settings(tmp_path):
@@ -48,21 +157,6 @@ def test_inputs_hash_follows_input_content(tmp_path):
     assert first == stage_inputs_hash("curate", settings)
     (raw / "a.mp4").write_bytes(b"2")
     assert stage_inputs_hash("curate", settings) != first
-
-
-def test_library_never_imports_prefect():
-    code = (
-        "import sys, importlib, pkgutil, easyanimate\n"
-        "skip = {'easyanimate.cli'}\n"
-        "for m in pkgutil.walk_packages(easyanimate.__path__, 'easyanimate.'):\n"
-        "    if m.name not in skip: importlib.import_module(m.name)\n"
-        "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]\n"
-        "assert not bad, bad[:5]\n"
-        "train = [m for m in sys.modules if m.startswith('easyanimate.training')]\n"
-        "print('ok', len(train))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_dit_latent_cache_skips_decode_and_encode(tmp_path, monkeypatch):

@@ -65,23 +65,6 @@ class BucketTable:
         return min(self.sizes, key=lambda s: abs(math.log(s[1] / s[0]) - target))
 
 
-def cover_size(height: int, width: int, bucket: tuple[int, int]) -> tuple[int, int]:
-    """``(height, width)`` to resize a ``height x width`` frame to so that it covers ``bucket`` with its aspect
-    ratio kept; only the remainder along one side is then cropped away."""
-    bh, bw = bucket
-    scale = max(bh / height, bw / width)
-    return max(bh, round(height * scale)), max(bw, round(width * scale))
-
-
-def center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Centre ``size=(h, w)`` crop of the last two dimensions."""
-    h, w = size
-    top, left = (frames.shape[-2] - h) // 2, (frames.shape[-1] - w) // 2
-    if top < 0 or left < 0:
-        raise ValueError(f"cannot crop {h}x{w} from frames of {frames.shape[-2]}x{frames.shape[-1]}")
-    return frames[..., top : top + h, left : left + w]
-
-
 def frame_buckets_for(num_frames: int, allowed: Sequence[int]) -> tuple[int, ...]:
     """The frame counts a stage samples videos at: ``allowed`` up to ``num_frames``, and ``num_frames`` itself."""
     return tuple(sorted({f for f in allowed if 1 < f <= num_frames} | {num_frames}))

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from easyanimate.data.buckets import BucketTable, center_crop as crop_center, cover_size
 from easyanimate.data.manifest import read_manifest
 from easyanimate.data.video_io import decode_frames
+
+if TYPE_CHECKING:  # only a type: the VAE stages' code (and version) does not depend on DiT bucketing
+    from easyanimate.data.buckets import BucketTable
 
 
 @dataclass
@@ -24,6 +27,23 @@ class ClipFrames:
     caption: str
     aesthetic: float
     frames: torch.Tensor  # uint8 (T, 3, H, W)
+
+
+def cover_size(height: int, width: int, bucket: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` to resize a ``height x width`` frame to so that it covers ``bucket`` with its aspect
+    ratio kept; only the remainder along one side is then cropped away."""
+    bh, bw = bucket
+    scale = max(bh / height, bw / width)
+    return max(bh, round(height * scale)), max(bw, round(width * scale))
+
+
+def center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Centre ``size=(h, w)`` crop of the last two dimensions."""
+    h, w = size
+    top, left = (frames.shape[-2] - h) // 2, (frames.shape[-1] - w) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"cannot crop {h}x{w} from frames of {frames.shape[-2]}x{frames.shape[-1]}")
+    return frames[..., top : top + h, left : left + w]
 
 
 def _resize_keep_aspect(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -38,12 +58,12 @@ def load_clip_frames(
     sample_fps: float,
     min_aesthetic: float | None = None,
     max_seconds: float | None = None,
-    center_crop: bool = True,
+    square_crop: bool = True,
     buckets: BucketTable | None = None,
 ) -> list[ClipFrames]:
     """Decode the accepted clips of ``split`` sampled at ``sample_fps``, short side scaled to ``resolution``.
 
-    ``center_crop`` keeps the square centre; without it the whole frame is kept (aspect ratio preserved) so a
+    ``square_crop`` keeps the square centre; without it the whole frame is kept (aspect ratio preserved) so a
     sampler can take random crops. With ``buckets`` (whose sizes already encode the resolution) each clip is
     resized to cover the bucket nearest its aspect ratio and centre-cropped to it: no distortion, little loss.
     """
@@ -60,13 +80,13 @@ def load_clip_frames(
             bucket = buckets.nearest(int(row.height), int(row.width))
             height, width = cover_size(int(row.height), int(row.width), bucket)
             frames = decode_frames(curated_dir / row.clip_path, times=times, size=(width, height))
-            tensor = crop_center(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2), bucket)
+            tensor = center_crop(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2), bucket)
             clips.append(ClipFrames(row.clip_id, row.caption or "", float(row.aesthetic), tensor.contiguous()))
             continue
         size = _resize_keep_aspect(int(row.width), int(row.height), resolution)
         frames = decode_frames(curated_dir / row.clip_path, times=times, size=size)
         tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-        if not center_crop:
+        if not square_crop:
             clips.append(ClipFrames(row.clip_id, row.caption or "", float(row.aesthetic), tensor.contiguous()))
             continue
         top = (tensor.shape[2] - resolution) // 2

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS: dict[str, str] = {
+# Columns every manifest has; the filters' score columns sit between HEAD and TAIL (``columns``).
+HEAD_COLUMNS: dict[str, str] = {
     "clip_id": "string",
     "source": "string",
     "scene_id": "string",  # clips cut from one scene share it, and so share their split
@@ -23,9 +24,8 @@ COLUMNS: dict[str, str] = {
     "width": "Int64",
     "height": "Int64",
     "fps": "float64",
-    "aesthetic": "float64",
-    "text_area": "float64",
-    "motion": "float64",
+}
+TAIL_COLUMNS: dict[str, str] = {
     "caption": "string",
     "status": "string",  # accepted | rejected | quarantined
     "reject_reason": "string",  # <NA> for accepted
@@ -80,9 +80,17 @@ def assign_splits(df: pd.DataFrame, val_fraction: float) -> pd.Series:
     return split
 
 
-def to_frame(records: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame.from_records(records, columns=list(COLUMNS))
-    for col, dtype in COLUMNS.items():
+def columns(filters=None) -> dict[str, str]:
+    """Manifest column -> dtype for the named filters (``curate.filters``; None: every registered filter)."""
+    from easyanimate.data.filters import filter_columns
+
+    return {**HEAD_COLUMNS, **{c.name: c.dtype for c in filter_columns(filters)}, **TAIL_COLUMNS}
+
+
+def to_frame(records: list[dict], filters=None) -> pd.DataFrame:
+    schema = columns(filters)
+    df = pd.DataFrame.from_records(records, columns=list(schema))
+    for col, dtype in schema.items():
         df[col] = df[col].astype(dtype)
     return df
 
@@ -101,10 +109,12 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
+    """The manifest with its dtypes; score columns are whichever filters curated it."""
     df = pd.read_parquet(path)
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in {**HEAD_COLUMNS, **TAIL_COLUMNS} if c not in df.columns]
     if missing:
         raise ValueError(f"{path} is not a curation manifest: missing columns {missing}")
-    for col, dtype in COLUMNS.items():
-        df[col] = df[col].astype(dtype)
+    for col, dtype in columns().items():
+        if col in df.columns:
+            df[col] = df[col].astype(dtype)
     return df

@@ -1,9 +1,11 @@
 """Quality gate on the curated manifest: a great_expectations 1.x suite over the ACCEPTED rows.
 
 The gate re-checks, independently of the curator's code path, that every accepted clip satisfies the
-configured thresholds and that its file exists and decodes. A failing gate names each failed
-expectation with the offending clip ids; the report lands in ``out_dir/gate_report/`` (GX Data Docs)
-and ``out_dir/gate.json``.
+configured thresholds and that its file exists and decodes. The suite is the core checks below plus
+each configured filter's own ``expectations()``. A failing gate names each failed expectation with the
+offending clip ids. ``gate.json`` (pass/fail and failures only, deterministic) is written beside the
+manifest; the GX Data Docs report, timestamped on every run, goes to ``report_dir`` (the stage's
+reports folder), never into the curated data, whose content hash would otherwise change on every run.
 """
 
 from __future__ import annotations
@@ -19,15 +21,20 @@ import pandas as pd
 
 from easyanimate.config import Settings
 from easyanimate.data.video_io import VideoError, probe
+from easyanimate.stage_api import StageFailed
 
 _DURATION_TOL_S = 0.05  # planned spans are rounded to ms; allow rounding noise, not real violations
+
+
+class QualityGateFailed(StageFailed):
+    """The curated clips failed the data-quality suite; no training may start."""
 
 
 @dataclass
 class GateResult:
     success: bool
     failures: list[str] = field(default_factory=list)
-    report_dir: Path | None = None
+    report_dir: Path | None = None  # the Data Docs site, when one was written
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -46,7 +53,7 @@ def _file_ok(out_dir: Path, rel) -> bool:
         return False
 
 
-def _expectations(settings: Settings) -> list:
+def _expectations(settings: Settings, filters) -> list:
     import great_expectations as gx
 
     c = settings.curate
@@ -61,21 +68,16 @@ def _expectations(settings: Settings) -> list:
         E.ExpectColumnValuesToBeBetween(column="height", min_value=c.probe.min_height),
         E.ExpectColumnValuesToBeBetween(column="pixels", min_value=c.probe.min_pixels, max_value=c.probe.max_pixels),
         E.ExpectColumnValuesToBeBetween(column="fps", min_value=c.probe.min_fps, max_value=c.probe.max_fps),
-        E.ExpectColumnValuesToNotBeNull(column="aesthetic"),
-        E.ExpectColumnValuesToBeBetween(column="aesthetic", min_value=c.aesthetic.threshold),
-        E.ExpectColumnValuesToNotBeNull(column="motion"),
-        E.ExpectColumnValuesToBeBetween(column="motion", min_value=c.motion.low, max_value=c.motion.high),
+    ]
+    for f in filters:
+        if f.enabled:
+            exps += f.expectations()
+    return exps + [
         E.ExpectColumnValuesToNotBeNull(column="caption"),
         E.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1),
         E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val"]),
         E.ExpectColumnValuesToBeInSet(column="file_ok", value_set=[True]),
     ]
-    if c.text.enabled:
-        exps += [
-            E.ExpectColumnValuesToNotBeNull(column="text_area"),
-            E.ExpectColumnValuesToBeBetween(column="text_area", max_value=c.text.max_text_area),
-        ]
-    return exps
 
 
 def _describe(er) -> str | None:
@@ -88,32 +90,48 @@ def _describe(er) -> str | None:
     return f"{cfg.type}({col}{', ' + str(bounds) if bounds else ''}) failed for clip_id {ids}"
 
 
+def _plain(acc: pd.DataFrame) -> pd.DataFrame:
+    """Plain numpy/object columns: GX's pandas backend mishandles nullable extension dtypes."""
+    for col in acc.columns:
+        dtype = str(acc[col].dtype)
+        if dtype in ("string", "str") or dtype.startswith("string["):
+            acc[col] = acc[col].astype(object).where(acc[col].notna(), None)
+        elif dtype in ("Int64", "Int32", "Float64"):
+            acc[col] = acc[col].astype("float64")
+    return acc
+
+
 def run_quality_gate(
-    df: pd.DataFrame, settings: Settings, out_dir: str | Path, clips_dir: str | Path | None = None
+    df: pd.DataFrame, settings: Settings, out_dir: str | Path, clips_dir: str | Path | None = None,
+    report_dir: str | Path | None = None, filters=None,
 ) -> GateResult:
-    """Validate accepted rows; ``clip_path`` is resolved under ``clips_dir`` (default: ``out_dir``)."""
+    """Validate accepted rows; ``clip_path`` is resolved under ``clips_dir`` (default: ``out_dir``).
+
+    ``out_dir/gate.json`` always; the Data Docs site only when ``report_dir`` is given (replaced whole).
+    ``filters`` defaults to the instances ``curate.filters`` names.
+    """
     out_dir = Path(out_dir)
     clips_root = Path(clips_dir) if clips_dir is not None else out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    if filters is None:
+        from easyanimate.data.filters import build_filters
+
+        filters = build_filters(settings)
     acc = df[df["status"] == "accepted"].copy()
     if acc.empty:
         result = GateResult(False, ["no accepted clips: the curated dataset is empty"], None)
+        if report_dir is not None:  # no suite ran: a previous run's report would describe other data
+            shutil.rmtree(report_dir, ignore_errors=True)
         _write_json(result, out_dir)
         return result
-    # GX validates columns, so compute derived checks first; plain Python types keep GX's pandas
-    # backend away from nullable extension dtypes.
+    # GX validates columns, so compute derived checks first.
     acc["pixels"] = acc["width"].astype("float64") * acc["height"].astype("float64")
     acc["file_ok"] = [_file_ok(clips_root, p) for p in acc["clip_path"]]
-    for col in ("clip_id", "caption", "split"):
-        acc[col] = acc[col].astype(object).where(acc[col].notna(), None)
-    for col in ("width", "height"):
-        acc[col] = acc[col].astype("float64")
-    acc = acc.reset_index(drop=True)
+    acc = _plain(acc).reset_index(drop=True)
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline machines; never phone home
     import great_expectations as gx
 
-    report_dir = out_dir / "gate_report"
     with tempfile.TemporaryDirectory(prefix="gx-") as root:
         ctx = gx.get_context(mode="file", project_root_dir=root)
         try:
@@ -123,32 +141,36 @@ def run_quality_gate(
         batch_def = ctx.data_sources.add_pandas("manifest").add_dataframe_asset("accepted") \
             .add_batch_definition_whole_dataframe("all")
         suite = ctx.suites.add(gx.ExpectationSuite(name="curated_clips"))
-        for exp in _expectations(settings):
+        for exp in _expectations(settings, filters):
             suite.add_expectation(exp)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="accepted_clips", data=batch_def, suite=suite))
+        actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if report_dir is not None else []
         checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-            name="curation_gate", validation_definitions=[vd],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            name="curation_gate", validation_definitions=[vd], actions=actions,
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["clip_id"]},
         ))
         run = checkpoint.run(batch_parameters={"dataframe": acc})
         failures = [d for vr in run.run_results.values() for er in vr.results if (d := _describe(er))]
         site = Path(root) / "gx" / "uncommitted" / "data_docs" / "local_site"
-        if site.exists():
-            tmp = out_dir / ".gate_report.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(site, tmp)
+        written = None
+        if report_dir is not None:
+            report_dir = Path(report_dir)
             shutil.rmtree(report_dir, ignore_errors=True)
-            tmp.rename(report_dir)
-        else:
-            report_dir = None
-    result = GateResult(bool(run.success) and not failures, failures, report_dir)
+            if site.exists():
+                report_dir.parent.mkdir(parents=True, exist_ok=True)
+                tmp = report_dir.with_name(f".{report_dir.name}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(site, tmp)
+                tmp.rename(report_dir)
+                written = report_dir
+    result = GateResult(bool(run.success) and not failures, failures, written)
     _write_json(result, out_dir)
     return result
 
 
 def _write_json(result: GateResult, out_dir: Path) -> None:
+    # Only what the data decides: no paths, no timestamps, so an unchanged dataset keeps its content hash.
     path = out_dir / "gate.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1))
+    tmp.write_text(json.dumps({"success": result.success, "failures": result.failures}, indent=1))
     os.replace(tmp, path)

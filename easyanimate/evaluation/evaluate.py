@@ -14,6 +14,7 @@ from easyanimate.data.buckets import BucketTable
 from easyanimate.data.datasets import load_clip_frames, to_model_range
 from easyanimate.data.video_io import write_video
 from easyanimate.evaluation.metrics import flicker, psnr, ssim
+from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_text
 
 # Every setting that changes the metric values (not the gate thresholds): metrics computed under a
@@ -217,3 +218,26 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
     atomic_write_text(report, evaluation_markdown(metrics, not reasons, reasons, skipped, artifacts, out_dir))
     artifacts = artifacts + [plot, report, out_dir / "eval_context.json"]
     return EvalReport(metrics, not reasons, reasons, skipped, artifacts, context)
+
+
+def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
+    """Assemble ``paths.pipeline`` from the trained VAE and DiT, score it, and record its gate."""
+    from easyanimate.evaluation.report import evaluation_markdown
+
+    assemble_pipeline(settings, settings.paths.vae_stage2, settings.paths.dit_stage3, settings.paths.pipeline)
+    report = evaluate_pipeline(settings, settings.paths.pipeline, settings.paths.curated, ctx.report_dir)
+    write_reports(ctx.report_dir, report.metrics)
+    atomic_write_json(ctx.report_dir / "gate.json",
+                      {"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped})
+    samples = [str(p) for p in report.artifacts if "samples" in str(p)]
+    markdown = evaluation_markdown(report.metrics, report.passed, report.reasons, report.skipped, samples)
+    if ctx.run_id:
+        markdown += f"\nMLflow artifacts: `runs:/{ctx.run_id}/evaluate`"
+    tags = {"eval_passed": str(report.passed), "eval_reasons": "; ".join(report.reasons) or "all gates passed",
+            "eval_protocol_hash": report.context.get("protocol_hash", ""),
+            "eval_num_val_clips": str(len(report.context.get("val_clip_ids", []))),
+            **{f"skipped.{k}": v for k, v in report.skipped.items()}}
+    return StageResult("evaluate", report.metrics, {"pipeline": settings.paths.pipeline}, report.artifacts,
+                       info={"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped,
+                             "samples": samples},
+                       tags=tags, markdown={"evaluation": ("held-out metrics, gate and samples", markdown)})

@@ -59,7 +59,7 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from easyanimate.pipelines import EasyAnimatePipeline
         from easyanimate.runtime import configure_environment
-        from easyanimate.serving.resolve import pipeline_folder
+        from easyanimate.registry import pipeline_folder
 
         configure_environment()
         if not hasattr(self, "defaults"):  # pickled by an earlier version of this class, before its settings

@@ -198,3 +198,24 @@ def train_loop(
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """Per-step RNG, so noise and timesteps are the same whether or not a run was resumed."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def config_mismatches(component_dir: Path, fresh_config: dict, section: str, ignore: Iterable[str] = ()) -> list[str]:
+    """Why the model saved in ``component_dir`` cannot warm-start a model built with ``fresh_config``.
+
+    Keys the saved ``config.json`` lacks, private keys and ``ignore`` (execution-only keys) are skipped.
+    """
+    component_dir = Path(component_dir)
+    file = component_dir / "config.json"
+    if not file.exists():
+        return [f"{file} is missing"]
+    saved = json.loads(file.read_text())
+    ignored = set(ignore)
+    problems = []
+    for key, want in fresh_config.items():
+        if key.startswith("_") or key not in saved or key in ignored:
+            continue
+        if json.loads(json.dumps(want)) != saved[key]:
+            problems.append(f"{section}: {component_dir.name}.{key} is {saved[key]!r} in {component_dir.parent.name}, "
+                            f"settings give {want!r}")
+    return problems

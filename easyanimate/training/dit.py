@@ -29,7 +29,8 @@ from easyanimate.data.datasets import ClipFrames, load_clip_frames, to_model_ran
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.text_encoder import encode_prompts, load_text_encoder
 from easyanimate.models.vae import SliceVAE
-from easyanimate.training.common import TrainResult, make_accelerator, step_generator, train_loop
+from easyanimate.stage_api import StageContext, StageResult, write_reports
+from easyanimate.training.common import TrainResult, config_mismatches, make_accelerator, step_generator, train_loop
 from easyanimate.utils import atomic_directory, atomic_write_json, hash_path
 
 
@@ -332,3 +333,42 @@ def render_samples(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir: Pa
         write_video(frames, path, fps=g.fps)
         paths.append(path)
     return paths
+
+
+# ------------------------------------------------------------------------------------------ stage entries
+def warm_start_problems(settings: Settings, transformer_dir: Path) -> list[str]:
+    """Why the transformer in ``transformer_dir`` cannot warm-start stage 1 under ``settings``."""
+    file = Path(transformer_dir) / "config.json"
+    text_dim = json.loads(file.read_text()).get("text_embed_dim", 0) if file.exists() else 0
+    with torch.device("meta"):  # a paper-size model allocates nothing
+        fresh = build_transformer(settings, settings.vae.model.latent_channels, text_dim)
+    return config_mismatches(transformer_dir, dict(fresh.config), "dit.model")
+
+
+def run_stage(settings: Settings, ctx: StageContext, stage: int) -> StageResult:
+    name = f"dit_stage{stage}"
+    out = getattr(settings.paths, name)
+    init = {1: ctx.warm_start, 2: settings.paths.dit_stage1, 3: settings.paths.dit_stage2}[stage]
+    if stage == 1 and init is not None and (problems := warm_start_problems(settings, init)):
+        raise ValueError("retrain.init_pipeline cannot warm-start these settings:\n  " + "\n  ".join(problems))
+    result = train_dit(settings, stage, settings.paths.curated, settings.paths.vae_stage2, out,
+                       ckpt_dir=ctx.checkpoint_dir, init_dir=init, trackers=ctx.trackers,
+                       show_progress=ctx.show_progress)
+    metrics = result.metrics(name)
+    write_reports(ctx.report_dir, metrics, result.losses)
+    samples = render_samples(settings, settings.paths.vae_stage2, out, ctx.report_dir / "samples")
+    return StageResult(name, metrics, {name: out}, [ctx.report_dir / "loss.csv", *samples],
+                       info={"parent": str(init) if init else None},
+                       tags={"parent_checkpoint": str(init)} if init else {})
+
+
+def run_stage1(settings: Settings, ctx: StageContext) -> StageResult:
+    return run_stage(settings, ctx, 1)
+
+
+def run_stage2(settings: Settings, ctx: StageContext) -> StageResult:
+    return run_stage(settings, ctx, 2)
+
+
+def run_stage3(settings: Settings, ctx: StageContext) -> StageResult:
+    return run_stage(settings, ctx, 3)

@@ -14,7 +14,8 @@ from accelerate.tracking import GeneralTracker
 from peft import LoraConfig
 
 from easyanimate.config import Settings
-from easyanimate.data.buckets import BucketTable, center_crop, cover_size, draw_batch
+from easyanimate.data.buckets import BucketTable, draw_batch
+from easyanimate.data.datasets import center_crop, cover_size
 from easyanimate.data.datasets import ClipFrames, load_clip_frames
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.vae import SliceVAE
@@ -29,6 +30,7 @@ from easyanimate.training.dit import (
     latent_multiple,
     make_train_scheduler,
 )
+from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.utils import atomic_directory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -169,3 +171,12 @@ def train_lora(
     with atomic_directory(out_dir) as tmp:
         save_transformer_lora(accelerator.unwrap_model(model), tmp)
     return result
+
+
+def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
+    result = train_lora(settings, settings.paths.curated, settings.paths.vae_stage2, settings.paths.dit_stage3,
+                        settings.paths.lora, ckpt_dir=ctx.checkpoint_dir, trackers=ctx.trackers,
+                        show_progress=ctx.show_progress)
+    metrics = result.metrics("lora")
+    write_reports(ctx.report_dir, metrics, result.losses)
+    return StageResult("lora", metrics, {"lora": settings.paths.lora}, [ctx.report_dir / "loss.csv"])

@@ -22,7 +22,8 @@ from easyanimate.config import Settings, VAETrainConfig, resolve_weight_path
 from easyanimate.data.datasets import ClipSampler, load_clip_frames
 from easyanimate.models.vae import SliceVAE
 from easyanimate.models.vae.reconstruct import valid_length
-from easyanimate.training.common import TrainResult, make_accelerator, step_generator, train_loop
+from easyanimate.stage_api import StageContext, StageResult, write_reports
+from easyanimate.training.common import TrainResult, config_mismatches, make_accelerator, step_generator, train_loop
 from easyanimate.training.losses import (
     LPIPS,
     VideoDiscriminator,
@@ -122,7 +123,7 @@ def _training_clips(cfg: VAETrainConfig, curated_dir: Path):
     clips = []
     for scale in cfg.augment.scales:
         clips += load_clip_frames(curated_dir, "train", round(cfg.resolution * scale), cfg.sample_fps,
-                                  center_crop=False)
+                                  square_crop=False)
     return clips
 
 
@@ -276,3 +277,44 @@ def evaluate_vae(settings: Settings, vae_dir: Path, curated_dir: Path, out_dir: 
     metrics = {"vae_psnr": float(np.mean(psnrs)), "vae_ssim": float(np.mean(ssims)), "vae_eval_clips": float(len(clips))}
     return metrics, [video]
 
+
+
+# ------------------------------------------------------------------------------------------ stage entries
+def warm_start_problems(settings: Settings, vae_dir: Path) -> list[str]:
+    """Why the VAE in ``vae_dir`` cannot warm-start stage 1 under ``settings`` (empty when it can)."""
+    with torch.device("meta"):  # a paper-size model allocates nothing
+        fresh = build_vae(settings)
+    # A champion that fitted its own scaling factor, or slices/tiles differently, still warm-starts.
+    return config_mismatches(vae_dir, dict(fresh.config), "vae.model",
+                             ignore=SliceVAE.EXECUTION_CONFIG_KEYS | {"scaling_factor"})
+
+
+def run_stage(settings: Settings, ctx: StageContext, stage: int) -> StageResult:
+    name = f"vae_stage{stage}"
+    out = getattr(settings.paths, name)
+    cfg = settings.vae.stage1 if stage == 1 else settings.vae.stage2
+    init = settings.paths.vae_stage1 if stage == 2 else ctx.warm_start
+    if stage == 1 and init is not None and (problems := warm_start_problems(settings, init)):
+        raise ValueError("retrain.init_pipeline cannot warm-start these settings:\n  " + "\n  ".join(problems))
+    result = train_vae(settings, stage, settings.paths.curated, out, ckpt_dir=ctx.checkpoint_dir, init_dir=init,
+                       trackers=ctx.trackers, show_progress=ctx.show_progress)
+    # Held-out reconstruction quality on the val clips, at the stage's training resolution and frame rate.
+    eval_metrics, videos = evaluate_vae(settings, out, settings.paths.curated, ctx.report_dir, cfg.resolution,
+                                        cfg.sample_fps)
+    metrics = {**result.metrics(name), **{f"{name}/{k}": v for k, v in eval_metrics.items()}}
+    info: dict = {"parent": str(init) if init else None}
+    tags = {"parent_checkpoint": str(init)} if init else {}
+    if stage == 1:
+        perceptual = perceptual_status(settings)
+        metrics[f"{name}/perceptual_enabled"] = float(perceptual.enabled)
+        info["perceptual_loss"] = tags["perceptual_loss"] = perceptual.reason
+    write_reports(ctx.report_dir, metrics, result.losses)
+    return StageResult(name, metrics, {name: out}, [ctx.report_dir / "loss.csv", *videos], info=info, tags=tags)
+
+
+def run_stage1(settings: Settings, ctx: StageContext) -> StageResult:
+    return run_stage(settings, ctx, 1)
+
+
+def run_stage2(settings: Settings, ctx: StageContext) -> StageResult:
+    return run_stage(settings, ctx, 2)

@@ -1,36 +1,27 @@
-"""Clip captioners. A captioner is any callable ``(source_name, start_s, end_s, frames) -> str``.
+"""Clip captioners: the registry (``curate.caption.captioner`` -> class) and the one the settings name.
 
-``frames`` are uniformly sampled RGB frames of the clip (``caption.num_frames`` of them). An empty
-string means "no caption", which the curator rejects with reason ``no_caption``. A captioner may also
-offer ``caption_clips(requests) -> captions`` to caption several clips per model call (the VLM does).
+Protocol: ``captioners.base.Captioner``. Adding a captioner: a module with a ``Captioner`` subclass, one
+line here, and its name in ``CaptionConfig.captioner``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from easyanimate.data.captioners.base import CaptionRequest, Captioner
+from easyanimate.data.captioners.sidecar import SidecarCaptioner
+from easyanimate.data.captioners.vlm import VLMCaptioner
 
-import numpy as np
-
-
-@dataclass(frozen=True)
-class CaptionRequest:
-    source: str
-    start_s: float
-    end_s: float
-    frames: np.ndarray
-
-
-class Captioner(Protocol):
-    def __call__(self, source: str, start_s: float, end_s: float, frames: np.ndarray) -> str: ...
+CAPTIONERS: dict[str, type[Captioner]] = {
+    "sidecar": SidecarCaptioner,
+    "vlm": VLMCaptioner,
+}
 
 
 def build_captioner(settings) -> Captioner:
-    """The captioner named by ``curate.caption.captioner``."""
-    if settings.curate.caption.captioner == "vlm":
-        from easyanimate.data.captioners.vlm import VLMCaptioner
+    """A fresh captioner named by ``curate.caption.captioner`` (its model loads later, in ``setup``)."""
+    name = settings.curate.caption.captioner
+    if name not in CAPTIONERS:
+        raise ValueError(f"curate.caption.captioner: unknown captioner {name!r}; registered: {', '.join(CAPTIONERS)}")
+    return CAPTIONERS[name].from_settings(settings)
 
-        return VLMCaptioner.from_settings(settings)
-    from easyanimate.data.captioners.sidecar import SidecarCaptioner
 
-    return SidecarCaptioner.from_path(settings.paths.captions)
+__all__ = ["CAPTIONERS", "CaptionRequest", "Captioner", "build_captioner"]

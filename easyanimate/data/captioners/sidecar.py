@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from easyanimate.data.captioners.base import Captioner
+
 
 @dataclass(frozen=True)
 class CaptionEntry:
@@ -23,10 +25,16 @@ class CaptionEntry:
 
 
 @dataclass
-class SidecarCaptioner:
+class SidecarCaptioner(Captioner):
+    name = "sidecar"
+
     entries: list[CaptionEntry] = field(default_factory=list)
-    # Hash of the sidecar's bytes: the curator stores it so edited captions invalidate cached records.
+    # Hash of the sidecar's bytes (informational; the per-video ``fingerprint_for`` is what records store).
     fingerprint: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings) -> "SidecarCaptioner":
+        return cls.from_path(settings.paths.captions)
 
     @classmethod
     def from_path(cls, path: str | Path | None) -> "SidecarCaptioner":

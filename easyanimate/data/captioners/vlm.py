@@ -16,47 +16,55 @@ from pathlib import Path
 import numpy as np
 
 from easyanimate.config import CaptionConfig, resolve_weight_path
+from easyanimate.data.captioners.base import Captioner
 
 
-_CACHE: dict[tuple[str, str], "VLMCaptioner"] = {}
-_LOCK = threading.Lock()
+class VLMCaptioner(Captioner):
+    name = "vlm"
+    uses_device = True
 
-
-class VLMCaptioner:
     def __init__(self, model_dir: str | Path, cfg: CaptionConfig):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         model_dir = Path(model_dir)
         if not model_dir.exists():
             raise FileNotFoundError(f"weights.captioner={str(model_dir)!r}: no such folder; fix weights.captioner")
-        self.cfg = cfg
-        self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval()
-        self._torch = torch
-        self._chat = bool(getattr(self.processor, "chat_template", None))
+        self.model_dir, self.cfg = model_dir, cfg
+        self.frames_per_clip = cfg.num_frames
+        self.processor = self.model = None
+        self.lock = threading.Lock()  # one model per worker, shared by its threads
 
     @classmethod
     def from_settings(cls, settings) -> "VLMCaptioner":
-        """One model per (folder, caption settings) per process: curate_video may be called per video."""
-        path = resolve_weight_path(settings.weights.captioner, "weights.captioner")
-        key = (str(path), settings.curate.caption.model_dump_json())
-        with _LOCK:
-            if key not in _CACHE:
-                _CACHE[key] = cls(path, settings.curate.caption)
-            return _CACHE[key]
+        return cls(resolve_weight_path(settings.weights.captioner, "weights.captioner"), settings.curate.caption)
+
+    def setup(self, device: str) -> None:
+        if self.model is not None:
+            return
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self._torch = torch
+        self.device = torch.device(device)
+        self.processor = AutoProcessor.from_pretrained(self.model_dir, local_files_only=True)
+        self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, local_files_only=True).eval()
+        self.model.to(self.device)
+        self._chat = bool(getattr(self.processor, "chat_template", None))
 
     def _inputs(self, images: list[np.ndarray]):
         if self._chat:
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.cfg.prompt}]}]
             text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-            return self.processor(images=[[im] for im in images], text=[text] * len(images), return_tensors="pt", padding=True)
-        return self.processor(images=images, return_tensors="pt")
+            inputs = self.processor(images=[[im] for im in images], text=[text] * len(images), return_tensors="pt",
+                                    padding=True)
+        else:
+            inputs = self.processor(images=images, return_tensors="pt")
+        return inputs.to(self.device)
 
     def caption_frames(self, frames: np.ndarray) -> list[str]:
+        if self.model is None:
+            raise RuntimeError("VLMCaptioner.setup(device) must run before captioning")
         out: list[str] = []
         bs = self.cfg.batch_size
-        with self._torch.inference_mode():
+        with self.lock, self._torch.inference_mode():
             for i in range(0, len(frames), bs):
                 inputs = self._inputs(list(frames[i : i + bs]))
                 ids = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
@@ -74,9 +82,6 @@ class VLMCaptioner:
             out.append(self._vote(caps[i : i + len(req.frames)]))
             i += len(req.frames)
         return out
-
-    def __call__(self, source: str, start_s: float, end_s: float, frames: np.ndarray) -> str:
-        return self._vote(self.caption_frames(frames))
 
     @staticmethod
     def _vote(caps: list[str]) -> str:

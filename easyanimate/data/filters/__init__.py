@@ -1,28 +1,43 @@
-"""Clip filters. Each takes already-decoded RGB frames and returns a ``FilterResult``.
+"""Clip filters: the registry and the configured, ordered list.
 
-Decoding is done once per clip by the curator and shared by every filter, so filters never touch
-files and are cheap to unit-test on synthetic arrays.
+``FILTERS`` maps a ``curate.filters`` name to its class (protocol: ``filters.base.ClipFilter``). Its
+order is the order of the filters' columns in the manifest, so reordering ``curate.filters`` (the run
+order) never changes the manifest's schema. Adding a filter: a module with a ``ClipFilter`` subclass,
+one line here, and its settings class in ``CurateConfig``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from easyanimate.data.filters.aesthetic import AestheticFilter
+from easyanimate.data.filters.base import ClipFilter, Column
+from easyanimate.data.filters.motion import MotionFilter
+from easyanimate.data.filters.text import TextFilter
 
-import cv2
-import numpy as np
+FILTERS: dict[str, type[ClipFilter]] = {
+    "aesthetic": AestheticFilter,
+    "text": TextFilter,
+    "motion": MotionFilter,
+}
 
 
-@dataclass(frozen=True)
-class FilterResult:
-    score: float
-    passed: bool
-    reason: str | None = None  # the manifest reject_reason when not passed
+def filter_class(name: str) -> type[ClipFilter]:
+    try:
+        return FILTERS[name]
+    except KeyError:
+        raise ValueError(f"curate.filters: unknown filter {name!r}; registered: {', '.join(FILTERS)}") from None
 
 
-def resize_long_side(img: np.ndarray, max_side: int) -> np.ndarray:
-    """Downscale (never upscale) so the long side is at most ``max_side``."""
-    h, w = img.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return img
-    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+def build_filters(settings) -> list[ClipFilter]:
+    """Fresh instances of ``curate.filters`` in run order (models load later, in ``setup``)."""
+    return [filter_class(name)(settings) for name in settings.curate.filters]
+
+
+def filter_columns(names=None) -> list[Column]:
+    """Manifest columns of the named filters (all registered ones if None), in registry order."""
+    wanted = set(FILTERS if names is None else names)
+    for name in wanted:
+        filter_class(name)
+    return [col for name, cls in FILTERS.items() if name in wanted for col in cls.columns]
+
+
+__all__ = ["FILTERS", "ClipFilter", "Column", "build_filters", "filter_class", "filter_columns"]

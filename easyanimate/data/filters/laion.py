@@ -2,20 +2,15 @@
 
 Weights only come from local paths: ``weights.aesthetic_clip`` (a transformers ``CLIPModel`` folder)
 and ``weights.aesthetic_head`` (safetensors of the MLP, keys ``layers.{0,2,4,6,7}.{weight,bias}`` as
-in the original ``sac+logos+ava1-l14-linearMSE`` checkpoint converted to safetensors).
+in the original ``sac+logos+ava1-l14-linearMSE`` checkpoint converted to safetensors). The aesthetic
+filter builds one per worker in its ``setup``.
 """
 
 from __future__ import annotations
 
-import threading
+from pathlib import Path
 
 import numpy as np
-
-from easyanimate.config import AestheticFilterConfig, WeightsConfig, resolve_weight_path
-from easyanimate.data.filters import FilterResult
-
-_CACHE: dict[tuple[str, str], "LaionAesthetic"] = {}
-_LOCK = threading.Lock()
 
 
 def _head(in_dim: int):
@@ -29,13 +24,14 @@ def _head(in_dim: int):
 
 
 class LaionAesthetic:
-    def __init__(self, clip_dir, head_path):
+    def __init__(self, clip_dir: str | Path, head_path: str | Path, device: str = "cpu"):
         import torch
         from safetensors.torch import load_file
         from transformers import CLIPImageProcessor, CLIPModel
 
         self._torch = torch
-        self.clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
+        self.device = torch.device(device)
+        self.clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval().to(self.device)
         self.processor = CLIPImageProcessor.from_pretrained(clip_dir, local_files_only=True)
         state = load_file(str(head_path))
         state = {k.removeprefix("layers."): v for k, v in state.items()}
@@ -47,29 +43,14 @@ class LaionAesthetic:
             )
         self.head = _head(in_dim).eval()
         self.head.load_state_dict(state)
-
-    @classmethod
-    def from_weights(cls, weights: WeightsConfig) -> "LaionAesthetic":
-        clip_dir = resolve_weight_path(weights.aesthetic_clip, "weights.aesthetic_clip")
-        head = resolve_weight_path(weights.aesthetic_head, "weights.aesthetic_head")
-        key = (str(clip_dir), str(head))
-        with _LOCK:
-            if key not in _CACHE:
-                _CACHE[key] = cls(clip_dir, head)
-            return _CACHE[key]
+        self.head.to(self.device)
 
     def score_frames(self, frames: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            pixels = self.processor(images=list(frames), return_tensors="pt")["pixel_values"]
+            pixels = self.processor(images=list(frames), return_tensors="pt")["pixel_values"].to(self.device)
             emb = self.clip.get_image_features(pixel_values=pixels)
             if not isinstance(emb, torch.Tensor):  # some versions return a model output object
                 emb = emb.pooler_output
             emb = emb / emb.norm(dim=-1, keepdim=True)
-            return self.head(emb).squeeze(-1).float().numpy()
-
-
-def laion_aesthetic(frames: np.ndarray, cfg: AestheticFilterConfig, weights: WeightsConfig) -> FilterResult:
-    score = float(LaionAesthetic.from_weights(weights).score_frames(frames).mean())
-    passed = score >= cfg.threshold
-    return FilterResult(round(score, 4), passed, None if passed else "low_aesthetic")
+            return self.head(emb).squeeze(-1).float().cpu().numpy()

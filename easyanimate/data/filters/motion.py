@@ -11,8 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from easyanimate.config import MotionFilterConfig
-from easyanimate.data.filters import FilterResult, resize_long_side
+from easyanimate.data.filters.base import ClipFilter, Column, resize_long_side
 
 
 def motion_score(frames: np.ndarray, max_side: int) -> float:
@@ -28,10 +27,37 @@ def motion_score(frames: np.ndarray, max_side: int) -> float:
     return float(np.mean(mags)) / diag
 
 
-def motion_filter(frames: np.ndarray, cfg: MotionFilterConfig) -> FilterResult:
-    score = motion_score(frames, cfg.max_side)
-    if score < cfg.low:
-        return FilterResult(round(score, 6), False, "too_static")
-    if score > cfg.high:
-        return FilterResult(round(score, 6), False, "too_fast")
-    return FilterResult(round(score, 6), True, None)
+class MotionFilter(ClipFilter):
+    name = "motion"
+    columns = (Column("motion", digits=6),)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.cfg = settings.curate.motion
+
+    @property
+    def decode_side(self) -> int:
+        return self.cfg.max_side
+
+    def sample_times(self, plan, info) -> list[float]:
+        times = [float(t) for t in np.arange(plan.start_s, plan.end_s, 1.0 / self.cfg.sample_fps)]
+        if len(times) < 2:  # a clip shorter than one sampling interval: its first and last frame
+            times = [plan.start_s, plan.end_s - 1.0 / max(info.fps, 1.0)]
+        return times
+
+    def score(self, frames: np.ndarray) -> dict[str, float]:
+        return {"motion": motion_score(frames, self.cfg.max_side)}
+
+    def accept(self, scores: dict[str, float]) -> str | None:
+        if scores["motion"] < self.cfg.low:
+            return "too_static"
+        if scores["motion"] > self.cfg.high:
+            return "too_fast"
+        return None
+
+    def expectations(self) -> list:
+        import great_expectations as gx
+
+        E = gx.expectations
+        return [E.ExpectColumnValuesToNotBeNull(column="motion"),
+                E.ExpectColumnValuesToBeBetween(column="motion", min_value=self.cfg.low, max_value=self.cfg.high)]

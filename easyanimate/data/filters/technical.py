@@ -12,16 +12,15 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from easyanimate.config import AestheticFilterConfig
-from easyanimate.data.filters import FilterResult, resize_long_side
+from easyanimate.data.filters.base import resize_long_side
 
-_SCORE_SIDE = 512
+SCORE_SIDE = 512
 _WEIGHTS = {"exposure": 0.3, "contrast": 0.2, "sharpness": 0.35, "colourfulness": 0.15}
 _FLOOR = 0.02  # keeps the geometric mean finite for a black frame
 
 
 def frame_components(rgb: np.ndarray) -> dict[str, float]:
-    img = resize_long_side(rgb, _SCORE_SIDE)
+    img = resize_long_side(rgb, SCORE_SIDE)
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
     luma = float(gray.mean())
     exposure = 1.0 - min(1.0, abs(luma - 0.45) / 0.4)  # 0.05..0.85 mean luma is acceptable range
@@ -42,8 +41,6 @@ def frame_score(rgb: np.ndarray) -> float:
     return float(10.0 * np.exp(log))
 
 
-def technical_aesthetic(frames: np.ndarray, cfg: AestheticFilterConfig) -> FilterResult:
-    """Mean frame score over the given frames (the curator samples ``cfg.num_frames`` uniformly)."""
-    score = float(np.mean([frame_score(f) for f in frames]))
-    passed = score >= cfg.threshold
-    return FilterResult(round(score, 4), passed, None if passed else "low_aesthetic")
+def technical_score(frames: np.ndarray) -> float:
+    """Mean frame score over the given frames (the aesthetic filter samples ``num_frames`` uniformly)."""
+    return float(np.mean([frame_score(f) for f in frames]))

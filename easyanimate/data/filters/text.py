@@ -2,44 +2,31 @@
 
 EasyAnimate drops clips with large burned-in text (subtitles, titles, watermarks) because the
 generator learns to hallucinate glyphs. Only detection runs, on the clip's middle frame, resized so
-its long side is at most ``text.max_side``; recognition is never loaded.
+its long side is at most ``text.max_side``; recognition is never loaded. The detector runs on
+``curate.device``.
 """
 
 from __future__ import annotations
 
-import threading
-
 import cv2
 import numpy as np
 
-from easyanimate.config import TextFilterConfig, WeightsConfig, resolve_weight_path
-from easyanimate.data.filters import FilterResult, resize_long_side
-
-_READERS: dict[str, object] = {}
-_LOCK = threading.Lock()  # the flow runs videos on threads; build the Reader once per process
+from easyanimate.config import resolve_weight_path
+from easyanimate.data.filters.base import ClipFilter, Column, resize_long_side
 
 
-def get_reader(weights: WeightsConfig):
-    model_dir = resolve_weight_path(weights.ocr, "weights.ocr")
-    key = str(model_dir)
-    with _LOCK:
-        if key not in _READERS:
-            import easyocr
+def load_reader(model_dir, device: str):
+    import easyocr
 
-            _READERS[key] = easyocr.Reader(
-                ["en"], gpu=False, model_storage_directory=key, download_enabled=False,
-                recognizer=False, verbose=False,
-            )
-        return _READERS[key]
+    return easyocr.Reader(["en"], gpu=device.startswith("cuda"), model_storage_directory=str(model_dir),
+                          download_enabled=False, recognizer=False, verbose=False)
 
 
-def text_area(frame: np.ndarray, weights: WeightsConfig, max_side: int) -> float:
-    """Union area of detected text boxes / frame area, in [0, 1]."""
+def text_area(frame: np.ndarray, reader, max_side: int) -> float:
+    """Union area of the text boxes ``reader`` detects / frame area, in [0, 1]."""
     img = resize_long_side(frame, max_side)
     h, w = img.shape[:2]
-    reader = get_reader(weights)
-    with _LOCK:  # torch CPU inference on a shared model; serialise to keep threads from oversubscribing
-        horizontal, free = reader.detect(img)
+    horizontal, free = reader.detect(img)
     mask = np.zeros((h, w), np.uint8)
     for x_min, x_max, y_min, y_max in horizontal[0]:
         cv2.rectangle(mask, (int(x_min), int(y_min)), (int(x_max), int(y_max)), 1, thickness=-1)
@@ -48,9 +35,45 @@ def text_area(frame: np.ndarray, weights: WeightsConfig, max_side: int) -> float
     return float(mask.mean())
 
 
-def text_filter(frame: np.ndarray, cfg: TextFilterConfig, weights: WeightsConfig) -> FilterResult:
-    if not cfg.enabled:
-        return FilterResult(0.0, True, None)
-    area = text_area(frame, weights, cfg.max_side)
-    passed = area <= cfg.max_text_area
-    return FilterResult(round(area, 5), passed, None if passed else "too_much_text")
+class TextFilter(ClipFilter):
+    name = "text"
+    columns = (Column("text_area", digits=5),)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.cfg = settings.curate.text
+        self.reader = None
+        self._model_dir = resolve_weight_path(settings.weights.ocr, "weights.ocr") if self.cfg.enabled else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.enabled
+
+    @property
+    def uses_device(self) -> bool:
+        return self.cfg.enabled
+
+    @property
+    def decode_side(self) -> int:
+        return self.cfg.max_side
+
+    def sample_times(self, plan, info) -> list[float]:
+        return [(plan.start_s + plan.end_s) / 2]
+
+    def setup(self, device: str) -> None:
+        if self.reader is None:
+            self.reader = load_reader(self._model_dir, device)
+
+    def score(self, frames: np.ndarray) -> dict[str, float]:
+        with self.lock:  # one detector per worker; its threads take turns instead of oversubscribing the cores
+            return {"text_area": text_area(frames[0], self.reader, self.cfg.max_side)}
+
+    def accept(self, scores: dict[str, float]) -> str | None:
+        return None if scores["text_area"] <= self.cfg.max_text_area else "too_much_text"
+
+    def expectations(self) -> list:
+        import great_expectations as gx
+
+        E = gx.expectations
+        return [E.ExpectColumnValuesToNotBeNull(column="text_area"),
+                E.ExpectColumnValuesToBeBetween(column="text_area", max_value=self.cfg.max_text_area)]
