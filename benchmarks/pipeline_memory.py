@@ -25,7 +25,8 @@ def build_pipeline(model: str | None, settings):
     from easyanimate.config import resolve_weight_path
     from easyanimate.models.text_encoder import load_text_encoder
     from easyanimate.models.vae import SliceVAE
-    from easyanimate.pipelines import EasyAnimatePipeline, make_scheduler
+    from easyanimate.pipelines import EasyAnimatePipeline
+    from easyanimate.schedulers import make_inference_scheduler
     from easyanimate.serving.resolve import pipeline_folder
     from easyanimate.training.dit import build_transformer
 
@@ -34,8 +35,7 @@ def build_pipeline(model: str | None, settings):
     tokenizer, encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
     vae = SliceVAE(**settings.vae.model.model_dump())
     dit = build_transformer(settings, vae.config.latent_channels, encoder.config.hidden_size)
-    scheduler = make_scheduler(settings.generate.scheduler, {"num_train_timesteps": settings.dit.num_train_timesteps,
-                                                             "beta_schedule": settings.dit.beta_schedule})
+    scheduler = make_inference_scheduler(settings)
     return EasyAnimatePipeline(vae=vae, transformer=dit, text_encoder=encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and content hashing."""
+"""Small shared helpers: atomic writes and content hashing (the one implementation of each)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,32 @@ from pathlib import Path
 from typing import Iterator
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` for any writer (a library's ``save``, an encoder); on success it
+    replaces ``path`` in one rename, on failure it is removed. ``suffix`` defaults to ``path``'s own, for
+    writers that pick a format from the file name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix if suffix is None else suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: str | Path, data) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -303,12 +304,14 @@ def test_plans_carry_their_scene():
     assert [p.scene for p in plans] == [(0.0, 2.0)] + [(2.0, 31.0)] * 3
 
 
-def test_gate_passes_on_good_manifest(curated):
+def test_gate_passes_on_good_manifest(curated, tmp_path):
     df, out, settings = curated
-    result = run_quality_gate(df, settings, out)
+    result = run_quality_gate(df, settings, out, report_dir=tmp_path / "gate_report")
     assert result.success, result.failures
-    assert (out / "gate.json").exists()
-    assert result.report_dir is not None and (result.report_dir / "index.html").exists()
+    # gate.json is what the data decides, nothing run-specific: the curated folder's hash stays put.
+    assert json.loads((out / "gate.json").read_text()) == {"success": True, "failures": []}
+    assert result.report_dir == tmp_path / "gate_report" and (result.report_dir / "index.html").exists()
+    assert not (out / "gate_report").exists()
 
 
 def test_gate_fails_on_poisoned_manifest(curated):

@@ -51,7 +51,7 @@ def make_curated(root: Path) -> Path:
 @pytest.mark.slow
 def test_generated_videos_are_nearest_their_own_caption_clip(tmp_path, one_torch_thread):
     from easyanimate.config import load_settings
-    from easyanimate.stages import run_dit_stage, run_evaluate_stage, run_vae_stage
+    from easyanimate.stages import run_stage
 
     curated = make_curated(tmp_path / "data" / "curated")
     paths = {name: str(tmp_path / sub) for name, sub in {
@@ -68,10 +68,10 @@ def test_generated_videos_are_nearest_their_own_caption_clip(tmp_path, one_torch
     })
     assert settings.dit.stage1.steps >= 1000, "this test is about the preset's real DiT training"
     for stage in (1, 2):
-        run_vae_stage(settings, stage, show_progress=False)
+        run_stage(f"vae_stage{stage}", settings, show_progress=False)
     for stage in (1, 2, 3):
-        run_dit_stage(settings, stage, show_progress=False)
-    result = run_evaluate_stage(settings, show_progress=False)
+        run_stage(f"dit_stage{stage}", settings, show_progress=False)
+    result = run_stage("evaluate", settings, show_progress=False)
 
     metrics = result.metrics
     assert metrics["eval/caption_retrieval_captions"] == 4.0

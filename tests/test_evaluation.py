@@ -107,7 +107,7 @@ def test_training_datasets_never_include_val_clips(project, monkeypatch):
     import sys
 
     from easyanimate.data import datasets
-    from easyanimate.stages import run_dit_stage, run_lora_stage, run_vae_stage
+    from easyanimate.stages import run_stage
     from easyanimate.training import dit, lora, vae
 
     root, settings = project
@@ -127,9 +127,9 @@ def test_training_datasets_never_include_val_clips(project, monkeypatch):
     save_tiny_models(settings)  # the frozen VAE / DiT that DiT stage 1 and LoRA start from
     # One call per training function (the other stages of each share its loading code).
     # The VAE loads through its helper (which also decodes the augmentation scales).
-    for trainer, run in ((("train_vae", "_training_clips"), lambda: run_vae_stage(settings, 1, show_progress=False)),
-                         (("train_dit",), lambda: run_dit_stage(settings, 1, show_progress=False)),
-                         (("train_lora",), lambda: run_lora_stage(settings, show_progress=False))):
+    for trainer, run in ((("train_vae", "_training_clips"), lambda: run_stage("vae_stage1", settings, show_progress=False)),
+                         (("train_dit",), lambda: run_stage("dit_stage1", settings, show_progress=False)),
+                         (("train_lora",), lambda: run_stage("lora", settings, show_progress=False))):
         loads.clear()
         run()
         training = [(split, ids) for caller, split, ids in loads if caller in trainer]
@@ -144,11 +144,11 @@ def test_training_datasets_never_include_val_clips(project, monkeypatch):
 def test_evaluate_stage_writes_metrics_plots_report_and_context(project):
     from easyanimate.evaluation.evaluate import dit_validation_loss, evaluation_protocol_hash
     from easyanimate.lineage import dvc_hash
-    from easyanimate.stages import report_dir, run_evaluate_stage
+    from easyanimate.stages import report_dir, run_stage
 
     root, settings = project
     save_tiny_models(settings, dit_noise=0.05)
-    result = run_evaluate_stage(settings, show_progress=False)
+    result = run_stage("evaluate", settings, show_progress=False)
     out = report_dir(settings, "evaluate")
     metrics = json.loads((out / "metrics.json").read_text())
     assert result.info["passed"] and metrics["eval/num_val_clips"] == 2.0

@@ -20,7 +20,8 @@ from easyanimate.models.text_encoder import encode_prompts, load_text_encoder
 from easyanimate.models.vae.slice_vae import SliceVAE
 from easyanimate.pipelines import EasyAnimatePipeline, make_scheduler
 from easyanimate.pipelines.pipeline_easyanimate import LORA_WEIGHT_NAME
-from easyanimate.training.dit import diffusion_loss, make_train_scheduler
+from easyanimate.schedulers import make_train_scheduler
+from easyanimate.training.dit import diffusion_loss
 from easyanimate.training.lora import build_latent_banks, load_style_folder, train_lora
 
 pytestmark = pytest.mark.slow

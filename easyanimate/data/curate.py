@@ -1,66 +1,90 @@
-"""Per-video curation (the unit the Prefect flow maps over) and a sequential convenience loop.
+"""Curation: per-video analysis (the unit the stage fans out), the curate stage entry, and a sequential loop.
 
 Pipeline per video: hash + probe -> probe checks -> ONE decode pass that feeds the scene detector
 and, as each clip plan becomes final, hands that clip the few small frames its filters need ->
-filters cheapest first (technical aesthetic, motion, OCR text), stopping at the first failure ->
+the configured filters in order (``curate.filters``, cheapest first), stopping at the first rejection ->
 captions for the survivors, batched across clips -> cut accepted clips.
 
-Bad input never raises: it becomes one ``quarantined`` record with the ``VideoError.reason``.
+Filters and the captioner are stage objects (``filters.base.ClipFilter``, ``captioners.base.Captioner``)
+owned by a ``Curator``: one per worker process, whose models are set up once, on the first video that
+needs them. Bad input never raises: it becomes one ``quarantined`` record with the ``VideoError.reason``.
 Each finished video is stored as ``records/<source-hash>-<settings-hash>.json`` (atomic), so a rerun
 skips unchanged videos and a kill loses at most the video in progress.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from easyanimate.config import Settings
+from easyanimate.config import CurateConfig, Settings
 from easyanimate.data import manifest as mf
-from easyanimate.data.captioners import CaptionRequest
-from easyanimate.data.filters import FilterResult
-from easyanimate.data.filters.motion import motion_filter
-from easyanimate.data.filters.technical import technical_aesthetic
+from easyanimate.data.captioners import CaptionRequest, Captioner, build_captioner
+from easyanimate.data.filters import ClipFilter, build_filters, filter_columns
+from easyanimate.data.quality import run_quality_gate
 from easyanimate.data.scenes import ClipPlan, detect_scenes, plan_clips, scan_video  # noqa: F401
+from easyanimate.data.summary import (HISTOGRAM_BINS, manifest_table, reject_reason_table, score_columns,
+                                      score_histograms, summarise, write_summary)
 from easyanimate.data.video_io import VideoError, VideoInfo, cut_clip, decode_frames, probe
+from easyanimate.stage_api import StageContext, StageResult, write_reports
 
 log = logging.getLogger(__name__)
 RECORD_VERSION = 2  # 2: scenes come from the single decode pass
-# Filters run at this long side at most (technical scores at 512 px, OCR at text.max_side).
-_ANALYSIS_MIN_SIDE = 512
+_CAPTION_ONLY_SIDE = 512  # decode size when no filter is configured (the captioner still wants small frames)
 
 
 def settings_hash(settings: Settings) -> str:
-    return settings.section_hash("curate", "weights")
+    """Key of the settings a video's records depend on (``curate`` and ``weights``).
+
+    ``curate.device`` says where models run, not what they decide, so it is left out; ``curate.filters``
+    counts only when it differs from the default order, so records written before it existed stay valid.
+    """
+    data = settings.model_dump(mode="json", include={"curate", "weights"})
+    data["curate"].pop("device", None)
+    if settings.curate.filters == CurateConfig.model_fields["filters"].default:
+        data["curate"].pop("filters", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def record_path(out_dir: Path, source_hash: str, settings: Settings) -> Path:
     return Path(out_dir) / "records" / f"{source_hash[:16]}-{settings_hash(settings)}.json"
 
 
-def _captioner_fingerprint(captioner, source: str) -> str | None:
-    # Per video when the captioner can tell: captioning a newly added video must not redo all the others.
-    per_source = getattr(captioner, "fingerprint_for", None)
-    return per_source(source) if per_source is not None else getattr(captioner, "fingerprint", None)
+def resolve_device(name: str) -> str:
+    """``curate.device`` -> a torch device; ``auto`` is cuda when torch sees a GPU."""
+    if name == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if name == "cuda":
+        raise RuntimeError("curate.device is cuda but torch sees no GPU; set curate.device to auto or cpu")
+    return "cpu"
 
 
-def _base(source: str, source_hash: str, start: float, end: float, info: VideoInfo | None) -> dict:
+def _base(source: str, source_hash: str, start: float, end: float, info: VideoInfo | None,
+          score_columns: list[str]) -> dict:
     return {
         "clip_id": mf.make_clip_id(source_hash, start, end), "source": source,
         "scene_id": mf.make_clip_id(source_hash, start, end),
         "start_s": float(start), "end_s": float(end), "duration_s": round(float(end - start), 3),
         "width": info.width if info else None, "height": info.height if info else None,
         "fps": info.fps if info else None,
-        "aesthetic": None, "text_area": None, "motion": None, "caption": None,
-        "status": "accepted", "reject_reason": None, "clip_path": None, "split": None,
+        **{col: None for col in score_columns},
+        "caption": None, "status": "accepted", "reject_reason": None, "clip_path": None, "split": None,
     }
 
 
@@ -76,103 +100,30 @@ def _probe_check(info: VideoInfo, settings: Settings) -> str | None:
     return None
 
 
-def _uniform(start: float, end: float, n: int) -> list[float]:
-    step = (end - start) / n
-    return [start + (i + 0.5) * step for i in range(n)]
-
-
-def _analysis_size(info: VideoInfo, settings: Settings) -> tuple[int, int] | None:
-    side = max(_ANALYSIS_MIN_SIDE, settings.curate.text.max_side, settings.curate.motion.max_side)
-    scale = side / max(info.width, info.height)
-    if scale >= 1:
-        return None
-    return (max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2))
-
-
-def _aesthetic(frames: np.ndarray, settings: Settings) -> FilterResult:
-    cfg = settings.curate.aesthetic
-    if cfg.scorer == "laion":
-        from easyanimate.data.filters.laion import laion_aesthetic
-
-        return laion_aesthetic(frames, cfg, settings.weights)
-    return technical_aesthetic(frames, cfg)
-
-
-@dataclass(frozen=True)
+@dataclass
 class ClipSamples:
-    """The sample times every filter of one clip needs, decoded together and split back apart."""
+    """The sample times of one clip per consumer (each enabled filter by name, and ``caption``), decoded
+    together in the single pass and split back apart."""
 
-    aesthetic: list[float]
-    middle: list[float]
-    motion: list[float]
-    caption: list[float]
-
-    @classmethod
-    def for_plan(cls, plan: ClipPlan, info: VideoInfo, settings: Settings) -> "ClipSamples":
-        c = settings.curate
-        motion = [float(t) for t in np.arange(plan.start_s, plan.end_s, 1.0 / c.motion.sample_fps)]
-        if len(motion) < 2:
-            motion = [plan.start_s, plan.end_s - 1.0 / max(info.fps, 1.0)]
-        caption = _uniform(plan.start_s, plan.end_s, c.caption.num_frames) if c.caption.captioner == "vlm" else []
-        return cls(_uniform(plan.start_s, plan.end_s, c.aesthetic.num_frames), [(plan.start_s + plan.end_s) / 2],
-                   motion, caption)
+    groups: dict[str, list[float]]
 
     def times(self) -> list[float]:
-        return self.aesthetic + self.middle + self.motion + self.caption
+        return [t for times in self.groups.values() for t in times]
 
     def split(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         out, i = {}, 0
-        for name in ("aesthetic", "middle", "motion", "caption"):
-            n = len(getattr(self, name))
-            out[name], i = frames[i : i + n], i + n
-        if not len(out["caption"]):
-            out["caption"] = out["aesthetic"]
+        for name, times in self.groups.items():
+            out[name], i = frames[i : i + len(times)], i + len(times)
         return out
-
-
-def _filter_clip(frames: dict[str, np.ndarray], settings: Settings, rec: dict) -> bool:
-    """Fill scores into ``rec``, cheapest filter first; False (and the reason) at the first failure."""
-    c = settings.curate
-
-    def reject(reason: str) -> bool:
-        rec["status"], rec["reject_reason"] = "rejected", reason
-        return False
-
-    res = _aesthetic(frames["aesthetic"], settings)
-    rec["aesthetic"] = res.score
-    if not res.passed:
-        return reject(res.reason)
-    res = motion_filter(frames["motion"], c.motion)
-    rec["motion"] = res.score
-    if not res.passed:
-        return reject(res.reason)
-    if c.text.enabled:
-        from easyanimate.data.filters.text import text_filter  # imports torch/easyocr only when used
-
-        res = text_filter(frames["middle"][0], c.text, settings.weights)
-        rec["text_area"] = res.score
-        if not res.passed:
-            return reject(res.reason)
-    return True
-
-
-def caption_clips(captioner, items: list[CaptionRequest]) -> list[str]:
-    """Captions for several clips at once: batched when the captioner can, else one call per clip."""
-    batched = getattr(captioner, "caption_clips", None)
-    if batched is not None:
-        return list(batched(items))
-    return [captioner(it.source, it.start_s, it.end_s, it.frames) for it in items]
 
 
 class _CaptionQueue:
     """Survivors wait here so the captioner sees full batches of frames across clips; flushing as
     soon as a batch fills keeps memory at one batch, not one video."""
 
-    def __init__(self, captioner, settings: Settings):
+    def __init__(self, captioner: Captioner, batch_size: int):
         self.captioner, self.pending = captioner, []
-        c = settings.curate.caption
-        frames_per_clip = c.num_frames if c.captioner == "vlm" else 1
-        self.clips_per_flush = max(1, -(-c.batch_size // frames_per_clip))
+        self.clips_per_flush = max(1, -(-batch_size // max(1, captioner.frames_per_clip)))
 
     def add(self, rec: dict, frames: np.ndarray) -> None:
         self.pending.append((rec, CaptionRequest(rec["source"], rec["start_s"], rec["end_s"], frames)))
@@ -182,7 +133,7 @@ class _CaptionQueue:
     def flush(self) -> None:
         if not self.pending:
             return
-        captions = caption_clips(self.captioner, [req for _, req in self.pending])
+        captions = self.captioner.caption_clips([req for _, req in self.pending])
         for (rec, _), caption in zip(self.pending, captions):
             rec["caption"] = (caption or "").strip()
             if not rec["caption"]:
@@ -190,75 +141,157 @@ class _CaptionQueue:
         self.pending = []
 
 
-def analyse_video(video_path: Path, source_hash: str, settings: Settings, captioner) -> list[dict]:
-    """Scores, decisions and captions for every clip of one video, from one decode pass; no encoding."""
-    name = video_path.name
-    try:
-        info = probe(video_path)
-    except VideoError as exc:
-        rec = _base(name, source_hash, 0.0, 0.0, None)
-        rec.update(status="quarantined", reject_reason=exc.reason)
-        return [rec]
-    if reason := _probe_check(info, settings):
-        rec = _base(name, source_hash, 0.0, round(info.duration_s, 3), info)
-        rec.update(status="rejected", reject_reason=reason)
-        return [rec]
-    size = _analysis_size(info, settings)
-    queue = _CaptionQueue(captioner, settings)
-    evaluated: dict[tuple[float, float], dict] = {}
+class Curator:
+    """One worker's configured filters and captioner, reused for every video it curates.
 
-    def evaluate(plan: ClipPlan, frames: np.ndarray) -> None:
-        rec = _base(name, source_hash, plan.start_s, plan.end_s, info)
-        split = ClipSamples.for_plan(plan, info, settings).split(frames)
-        if _filter_clip(split, settings, rec):
-            queue.add(rec, split["caption"])
-        evaluated[(plan.start_s, plan.end_s)] = rec
+    Models load once, in ``setup``, the first time a video needs analysing (a rerun served from records
+    loads none). Threads may share a Curator: setup is locked here, model calls inside each filter.
+    """
 
-    try:
-        scenes, _ = scan_video(video_path, info, settings.curate.scenes, size,
-                               times_for=lambda plan: ClipSamples.for_plan(plan, info, settings).times(),
-                               on_clip=evaluate)
-    except VideoError as exc:
-        rec = _base(name, source_hash, 0.0, round(info.duration_s, 3), info)
-        rec.update(status="quarantined", reject_reason=exc.reason)
-        return [rec]
-    records = []
-    for plan in plan_clips(scenes, settings.curate.scenes):
-        rec = evaluated.get((plan.start_s, plan.end_s))
-        if rec is None:
-            rec = _base(name, source_hash, plan.start_s, plan.end_s, info)
-            if not plan.ok:
-                rec.update(status="rejected", reject_reason=plan.reject_reason)
-            else:
-                # A cut arrived later than the detector's look-behind and changed this plan after
-                # the pass moved on: decode just this clip's frames (never happens in practice).
-                try:
-                    samples = ClipSamples.for_plan(plan, info, settings)
-                    split = samples.split(decode_frames(video_path, times=samples.times(), size=size))
-                    if _filter_clip(split, settings, rec):
-                        queue.add(rec, split["caption"])
-                except VideoError as exc:
-                    rec.update(status="quarantined", reject_reason=exc.reason)
-        # The final plans carry their scene (clips handed out early during the scan do not).
-        rec["scene_id"] = mf.make_clip_id(source_hash, *plan.scene)
-        records.append(rec)
-    queue.flush()
-    return records
+    def __init__(self, settings: Settings, captioner: Captioner | None = None):
+        self.settings = settings
+        self.filters = build_filters(settings)
+        self.captioner = build_captioner(settings) if captioner is None else captioner
+        # Manifest columns come from the configured filter names (registry order), enabled or not.
+        self.score_columns = [c.name for c in filter_columns([f.name for f in self.filters])]
+        self._lock = threading.Lock()
+        self._ready = False
 
+    @property
+    def active(self) -> list[ClipFilter]:
+        return [f for f in self.filters if f.enabled]
 
-def _curate_uncached(video_path: Path, source_hash: str, settings: Settings, out_dir: Path, captioner) -> list[dict]:
-    records = analyse_video(video_path, source_hash, settings, captioner)
-    for rec in records:
-        if rec["status"] != "accepted":
-            continue
-        rel = f"clips/{rec['clip_id']}.mp4"
+    def setup(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            needs_device = any(f.uses_device for f in self.active) or self.captioner.uses_device
+            device = resolve_device(self.settings.curate.device) if needs_device else "cpu"
+            for f in self.active:
+                f.setup(device)
+            self.captioner.setup(device)
+            self._ready = True
+
+    def analysis_size(self, info: VideoInfo) -> tuple[int, int] | None:
+        """The one decode size every clip's frames share: the largest any configured filter needs. A disabled
+        filter still counts, so switching it off never moves the other filters' scores."""
+        side = max((f.decode_side for f in self.filters), default=_CAPTION_ONLY_SIDE)
+        scale = side / max(info.width, info.height)
+        if scale >= 1:
+            return None
+        return (max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2))
+
+    def samples(self, plan: ClipPlan, info: VideoInfo) -> ClipSamples:
+        groups = {f.name: f.sample_times(plan, info) for f in self.active}
+        groups["caption"] = self.captioner.sample_times(plan, info)
+        return ClipSamples(groups)
+
+    def filter_clip(self, frames: dict[str, np.ndarray], rec: dict) -> bool:
+        """Fill scores into ``rec`` in run order; False (and the reason) at the first rejection."""
+        for f in self.active:
+            scores = f.score(frames[f.name])
+            rec.update(f.record(scores))
+            if reason := f.accept(scores):
+                rec["status"], rec["reject_reason"] = "rejected", reason
+                return False
+        return True
+
+    def analyse(self, video_path: Path, source_hash: str) -> list[dict]:
+        """Scores, decisions and captions for every clip of one video, from one decode pass; no encoding."""
+        name, cols = video_path.name, self.score_columns
         try:
-            cut_clip(video_path, out_dir / rel, rec["start_s"], rec["end_s"], settings.curate.encode)
-            rec["clip_path"] = rel
+            info = probe(video_path)
         except VideoError as exc:
-            # Damage inside the file (e.g. a corrupt GOP): lose this clip, keep the rest of the video.
-            rec.update(status="quarantined", reject_reason=exc.reason, clip_path=None)
-    return records
+            rec = _base(name, source_hash, 0.0, 0.0, None, cols)
+            rec.update(status="quarantined", reject_reason=exc.reason)
+            return [rec]
+        if reason := _probe_check(info, self.settings):
+            rec = _base(name, source_hash, 0.0, round(info.duration_s, 3), info, cols)
+            rec.update(status="rejected", reject_reason=reason)
+            return [rec]
+        self.setup()
+        size = self.analysis_size(info)
+        queue = _CaptionQueue(self.captioner, self.settings.curate.caption.batch_size)
+        evaluated: dict[tuple[float, float], dict] = {}
+
+        def evaluate(plan: ClipPlan, frames: np.ndarray) -> None:
+            rec = _base(name, source_hash, plan.start_s, plan.end_s, info, cols)
+            split = self.samples(plan, info).split(frames)
+            if self.filter_clip(split, rec):
+                queue.add(rec, split["caption"])
+            evaluated[(plan.start_s, plan.end_s)] = rec
+
+        try:
+            scenes, _ = scan_video(video_path, info, self.settings.curate.scenes, size,
+                                   times_for=lambda plan: self.samples(plan, info).times(), on_clip=evaluate)
+        except VideoError as exc:
+            rec = _base(name, source_hash, 0.0, round(info.duration_s, 3), info, cols)
+            rec.update(status="quarantined", reject_reason=exc.reason)
+            return [rec]
+        records = []
+        for plan in plan_clips(scenes, self.settings.curate.scenes):
+            rec = evaluated.get((plan.start_s, plan.end_s))
+            if rec is None:
+                rec = _base(name, source_hash, plan.start_s, plan.end_s, info, cols)
+                if not plan.ok:
+                    rec.update(status="rejected", reject_reason=plan.reject_reason)
+                else:
+                    # A cut arrived later than the detector's look-behind and changed this plan after
+                    # the pass moved on: decode just this clip's frames (never happens in practice).
+                    try:
+                        samples = self.samples(plan, info)
+                        split = samples.split(decode_frames(video_path, times=samples.times(), size=size))
+                        if self.filter_clip(split, rec):
+                            queue.add(rec, split["caption"])
+                    except VideoError as exc:
+                        rec.update(status="quarantined", reject_reason=exc.reason)
+            # The final plans carry their scene (clips handed out early during the scan do not).
+            rec["scene_id"] = mf.make_clip_id(source_hash, *plan.scene)
+            records.append(rec)
+        queue.flush()
+        return records
+
+    def _curate_uncached(self, video_path: Path, source_hash: str, out_dir: Path) -> list[dict]:
+        records = self.analyse(video_path, source_hash)
+        for rec in records:
+            if rec["status"] != "accepted":
+                continue
+            rel = f"clips/{rec['clip_id']}.mp4"
+            try:
+                cut_clip(video_path, out_dir / rel, rec["start_s"], rec["end_s"], self.settings.curate.encode)
+                rec["clip_path"] = rel
+            except VideoError as exc:
+                # Damage inside the file (e.g. a corrupt GOP): lose this clip, keep the rest of the video.
+                rec.update(status="quarantined", reject_reason=exc.reason, clip_path=None)
+        return records
+
+    def curate(self, video_path: str | Path, out_dir: str | Path) -> list[dict]:
+        """Curate one source video; returns its manifest records (never raises for bad input)."""
+        video_path, out_dir = Path(video_path), Path(out_dir)
+        settings = self.settings
+        try:
+            source_hash = mf.file_hash(video_path)
+        except OSError as exc:
+            rec = _base(video_path.name, "unreadable:" + video_path.name, 0.0, 0.0, None, self.score_columns)
+            rec.update(status="quarantined", reject_reason="unreadable")
+            log.warning("cannot read %s: %s", video_path, exc)
+            return [rec]
+        rpath = record_path(out_dir, source_hash, settings)
+        # Per video: captioning a newly added video must not redo all the others.
+        fingerprint = self.captioner.fingerprint_for(video_path.name)
+        cached = _load_cached(rpath, out_dir, fingerprint)
+        if cached is not None:
+            # Same bytes under a new name still reuse the work; report the current name.
+            return [{**r, "source": video_path.name} for r in cached]
+        t0 = time.perf_counter()
+        records = self._curate_uncached(video_path, source_hash, out_dir)
+        _atomic_json(
+            {"version": RECORD_VERSION, "source": video_path.name, "source_hash": source_hash,
+             "settings_hash": settings_hash(settings), "captioner": fingerprint,
+             "seconds": round(time.perf_counter() - t0, 3), "records": records},
+            rpath,
+        )
+        return records
 
 
 def _atomic_json(obj, path: Path) -> None:
@@ -284,66 +317,141 @@ def _load_cached(path: Path, out_dir: Path, fingerprint: str | None) -> list[dic
     return records
 
 
-def curate_video(video_path: str | Path, settings: Settings, out_dir: str | Path, captioner=None) -> list[dict]:
-    """Curate one source video; returns its manifest records (never raises for bad input)."""
-    video_path, out_dir = Path(video_path), Path(out_dir)
-    if captioner is None:
-        from easyanimate.data.captioners import build_captioner
+def analyse_video(video_path: Path, source_hash: str, settings: Settings, captioner: Captioner | None = None) -> list[dict]:
+    """One video's records without cutting clips (a throwaway Curator: models load for this call)."""
+    return Curator(settings, captioner).analyse(Path(video_path), source_hash)
 
-        captioner = build_captioner(settings)
-    try:
-        source_hash = mf.file_hash(video_path)
-    except OSError as exc:
-        rec = _base(video_path.name, "unreadable:" + video_path.name, 0.0, 0.0, None)
-        rec.update(status="quarantined", reject_reason="unreadable")
-        log.warning("cannot read %s: %s", video_path, exc)
-        return [rec]
-    rpath = record_path(out_dir, source_hash, settings)
-    fingerprint = _captioner_fingerprint(captioner, video_path.name)
-    cached = _load_cached(rpath, out_dir, fingerprint)
-    if cached is not None:
-        # Same bytes under a new name still reuse the work; report the current name.
-        return [{**r, "source": video_path.name} for r in cached]
-    t0 = time.perf_counter()
-    records = _curate_uncached(video_path, source_hash, settings, out_dir, captioner)
-    _atomic_json(
-        {"version": RECORD_VERSION, "source": video_path.name, "source_hash": source_hash,
-         "settings_hash": settings_hash(settings), "captioner": fingerprint,
-         "seconds": round(time.perf_counter() - t0, 3), "records": records},
-        rpath,
-    )
-    return records
+
+def curate_video(video_path: str | Path, settings: Settings, out_dir: str | Path, captioner: Captioner | None = None,
+                 curator: Curator | None = None) -> list[dict]:
+    """Curate one source video with ``curator`` (or a fresh one: pass a Curator when curating several)."""
+    return (curator or Curator(settings, captioner)).curate(video_path, out_dir)
 
 
 def build_manifest(records: list[dict], settings: Settings) -> pd.DataFrame:
     """Records of all videos -> manifest with train/val splits; duplicate clip ids (same bytes twice) dropped."""
-    df = mf.to_frame(records)
+    df = mf.to_frame(records, settings.curate.filters)
     df = df.drop_duplicates(subset="clip_id", keep="first").reset_index(drop=True)
     df["split"] = mf.assign_splits(df, settings.curate.val_fraction)
     return df
 
 
 def list_videos(input_dir: str | Path, settings: Settings) -> list[Path]:
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"raw video folder not found: {input_dir} (paths.raw_videos)")
     exts = {e.lower() for e in settings.curate.video_extensions}
-    return sorted(p for p in Path(input_dir).iterdir() if p.is_file() and p.suffix.lower() in exts)
+    return sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in exts)
 
 
 def curate_dataset(input_dir: str | Path, out_dir: str | Path, settings: Settings, progress: bool = True) -> pd.DataFrame:
-    """Sequential loop over ``input_dir``; writes ``out_dir/manifest.parquet`` and returns it."""
+    """Sequential loop over ``input_dir`` with one Curator; writes ``out_dir/manifest.parquet`` and returns it."""
     from rich.progress import Progress
 
     out_dir = Path(out_dir)
     videos = list_videos(input_dir, settings)
-    from easyanimate.data.captioners import build_captioner
-
-    captioner = build_captioner(settings)
+    curator = Curator(settings)
     records: list[dict] = []
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task("curating", total=len(videos))
         for video in videos:
             bar.update(task, description=f"curating {video.name}")
-            records.extend(curate_video(video, settings, out_dir, captioner=captioner))
+            records.extend(curator.curate(video, out_dir))
             bar.advance(task)
     df = build_manifest(records, settings)
     mf.write_manifest(df, out_dir / "manifest.parquet")
     return df
+
+
+# ------------------------------------------------------------------------------------ the stage's fan-out
+# The Curator of this worker process for the stage run in progress. Items that ``ctx.map`` sends to one
+# worker (a Dask process, or the threads of the thread runner) share it, so models load once per worker.
+_WORKER_CURATORS: dict[tuple[str, str], Curator] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def worker_curator(settings: Settings, run_key: str) -> Curator:
+    key = (run_key, hashlib.sha256(settings.model_dump_json().encode()).hexdigest())
+    with _WORKER_LOCK:
+        curator = _WORKER_CURATORS.get(key)
+        if curator is None:
+            _WORKER_CURATORS.clear()  # a worker serves one curation run at a time: free the last run's models
+            curator = _WORKER_CURATORS[key] = Curator(settings)
+        return curator
+
+
+def release_worker_curators(run_key: str) -> None:
+    with _WORKER_LOCK:
+        for key in [k for k in _WORKER_CURATORS if k[0] == run_key]:
+            del _WORKER_CURATORS[key]
+
+
+def curate_video_job(video: Path, settings: Settings, run_key: str = "") -> list[dict]:
+    """One ``ctx.map`` item: curate ``video`` into ``paths.curated`` with this worker's Curator (resumable:
+    a finished video's records are reused, so retries and reruns redo nothing)."""
+    return worker_curator(settings, run_key).curate(video, settings.paths.curated)
+
+
+# ------------------------------------------------------------------------------------ the stage entry
+def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
+    """The curate stage: every video in ``paths.raw_videos`` -> ``paths.curated`` (clips, records, manifest,
+    gate.json, summary/); the Data Docs report under ``ctx.report_dir``. A failed quality gate is
+    ``failure``: the runner logs everything, then raises."""
+    out_dir = settings.paths.curated
+    videos = list_videos(settings.paths.raw_videos, settings)
+    filters = build_filters(settings)  # an unknown filter or a missing weight path fails before any decoding
+    run_key = uuid.uuid4().hex
+    try:
+        per_video = ctx.map(curate_video_job, videos, settings=settings, run_key=run_key)
+    finally:
+        release_worker_curators(run_key)  # in-process workers (sequential, threads) free their models now
+    df = build_manifest([rec for recs in per_video for rec in recs], settings)
+    manifest = mf.write_manifest(df, out_dir / "manifest.parquet")
+
+    # Earlier versions wrote the timestamped Data Docs into the curated folder, changing its hash every run.
+    shutil.rmtree(out_dir / "gate_report", ignore_errors=True)
+    gate = run_quality_gate(df, settings, out_dir, report_dir=Path(ctx.report_dir) / "gate_report", filters=filters)
+    metrics = summarise(df, filters)
+    metrics["curate/gate_passed"] = float(gate.success)
+    reasons, hist = reject_reason_table(df), score_histograms(df, filters)
+    summary_dir = write_summary(out_dir / "summary", reasons, hist)
+    _log_histograms(ctx, hist, score_columns(filters))
+    if ctx.write_reports:
+        write_reports(Path(ctx.report_dir), metrics)
+
+    accepted = int((df["status"] == "accepted").sum())
+    tables = {"curate-reject-reasons": ("clips per reject/quarantine reason",
+                                        reasons or [{"status": "-", "reject_reason": "-", "clips": 0}]),
+              "curate-manifest": ("every clip with its scores and reason", manifest_table(df, filters))}
+    if hist:
+        names = ", ".join(dict.fromkeys(row["score"] for row in hist))
+        tables["curate-score-histograms"] = (f"{HISTOGRAM_BINS}-bin histograms of {names}", hist)
+    markdown, links = {}, {}
+    report = "\n".join(f"- {f}" for f in gate.failures)
+    index = gate.report_dir / "index.html" if gate.report_dir else None
+    if index is not None and index.exists():
+        links["curate-gate-report"] = (index.resolve().as_uri(), "great_expectations Data Docs")
+        where = f"MLflow run `{ctx.run_id}`, artifact `curate/gate_report/index.html`\n\n" if ctx.run_id else ""
+        markdown["curate-gate-report-summary"] = (
+            "where the Data Docs report lives",
+            f"## Curation quality gate {'passed' if gate.success else 'FAILED'}\n\n"
+            f"Data Docs: `{index.resolve()}`\n\n{where}{report}",
+        )
+    failure = None
+    if not gate.success:
+        markdown["curate-gate"] = ("curation quality gate failures", f"## Quality gate FAILED\n\n{report}")
+        failure = "curated data failed the quality gate:\n" + report
+    artifacts = [manifest, out_dir / "gate.json", *([gate.report_dir] if gate.report_dir else []), summary_dir]
+    return StageResult(
+        name="curate", metrics=metrics, outputs={"curated": out_dir}, artifacts=artifacts,
+        info={"manifest": str(manifest), "accepted": accepted}, tables=tables, markdown=markdown, links=links,
+        failure=failure,
+    )
+
+
+def _log_histograms(ctx: StageContext, hist: list[dict], columns: list[str]) -> None:
+    """Each histogram as a metric series of the stage's run (step = bin index, value = clips in the bin)."""
+    for tracker in ctx.trackers:
+        for column in columns:
+            for step, row in enumerate(r for r in hist if r["score"] == column):
+                tracker.log({f"curate.hist.{column}": row["clips"]}, step=step)

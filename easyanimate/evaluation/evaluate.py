@@ -37,20 +37,13 @@ def evaluation_protocol_hash(settings: Settings) -> str:
     return settings.section_hash(*PROTOCOL_SETTINGS)
 
 
-def ddpm_config(settings: Settings) -> dict:
-    return {
-        "num_train_timesteps": settings.dit.num_train_timesteps,
-        "beta_schedule": settings.dit.beta_schedule,
-        "prediction_type": "epsilon",
-    }
-
-
 def assemble_pipeline(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir: Path) -> Path:
     """Put the trained VAE and DiT, the text encoder and the inference scheduler into one pipeline folder."""
     from easyanimate.models.dit import EasyAnimateTransformer3DModel
     from easyanimate.models.text_encoder import load_text_encoder
     from easyanimate.models.vae import SliceVAE
-    from easyanimate.pipelines import EasyAnimatePipeline, make_scheduler
+    from easyanimate.pipelines import EasyAnimatePipeline
+    from easyanimate.schedulers import make_inference_scheduler
 
     tokenizer, text_encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
     pipe = EasyAnimatePipeline(
@@ -58,7 +51,7 @@ def assemble_pipeline(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir:
         transformer=EasyAnimateTransformer3DModel.from_pretrained(dit_dir),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=make_scheduler(settings.generate.scheduler, ddpm_config(settings)),
+        scheduler=make_inference_scheduler(settings),
     )
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -86,7 +79,8 @@ def vae_reconstruction_metrics(vae, clips, num_frames: int) -> dict[str, float]:
 @torch.no_grad()
 def dit_validation_loss(settings: Settings, pipe, clips, num_frames: int) -> dict[str, float]:
     """Loss at fixed timesteps with fixed noise: deterministic, so versions compare fairly."""
-    from easyanimate.training.dit import LatentBank, TextBank, diffusion_loss, encode_windows, make_train_scheduler
+    from easyanimate.schedulers import make_train_scheduler
+    from easyanimate.training.dit import LatentBank, TextBank, diffusion_loss, encode_windows
     from easyanimate.models.text_encoder import encode_prompts
 
     captions = [""] + sorted({c.caption for c in clips if c.caption})

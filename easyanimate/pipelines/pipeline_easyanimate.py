@@ -12,14 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -27,31 +20,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from easyanimate.models.dit.transformer import EasyAnimateTransformer3DModel  # noqa: F401
 from easyanimate.models.text_encoder import encode_prompts
 from easyanimate.models.vae.slice_vae import SliceVAE  # noqa: F401
+from easyanimate.utils import atomic_write_bytes
+from easyanimate.schedulers import SCHEDULERS, make_scheduler  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_PREFIX = "transformer"  # diffusers' key convention for a pipeline's transformer LoRA
 _LORA_METADATA_KEY = "lora_adapter_metadata"  # same key diffusers writes, so its loaders read our files
-
-SCHEDULERS = {
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # PRK warm-up steps are pointless at few steps
-}
-
-
-def make_scheduler(name: str, config: dict | None = None):
-    """Build an inference scheduler from a DDPM-style training config (num_train_timesteps, beta_schedule, ...)."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    cls, extra = SCHEDULERS[name]
-    cfg = {"prediction_type": "epsilon", **dict(config or {}), **extra}
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    return cls(**{k: v for k, v in cfg.items() if k in accepted})
-
 
 OUTPUT_TYPES = ("np", "pt", "latent", "mp4", "gif")
 ENCODED_TYPES = ("mp4", "gif")
@@ -165,19 +141,6 @@ def _set_lora_scale(transformer, scale: float, adapter_name: str | None = None) 
 
 
 # ------------------------------------------------------------------------------ pipeline
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _easyanimate_library_tuple(module) -> tuple[str, str] | None:
     """``(defining module, ClassName)`` for easyanimate classes, else None (diffusers' own logic applies).
 
@@ -331,7 +294,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
             if output_path is not None:
                 paths = _output_paths(output_path, len(videos), output_type)
                 for path, data in zip(paths, videos):
-                    _atomic_write_bytes(path, data)
+                    atomic_write_bytes(path, data)
                 videos = paths
             frames = videos
         return EasyAnimatePipelineOutput(frames=frames)

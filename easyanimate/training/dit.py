@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.tracking import GeneralTracker
-from diffusers import DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -29,9 +28,10 @@ from easyanimate.data.datasets import ClipFrames, load_clip_frames, to_model_ran
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.text_encoder import encode_prompts, load_text_encoder
 from easyanimate.models.vae import SliceVAE
+from easyanimate.schedulers import make_inference_scheduler, make_train_scheduler
 from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.training.common import TrainResult, config_mismatches, make_accelerator, step_generator, train_loop
-from easyanimate.utils import atomic_directory, atomic_write_json, hash_path
+from easyanimate.utils import atomic_directory, atomic_file, atomic_write_json, hash_path
 
 
 def build_transformer(settings: Settings, latent_channels: int, text_embed_dim: int) -> EasyAnimateTransformer3DModel:
@@ -49,14 +49,6 @@ def build_transformer(settings: Settings, latent_channels: int, text_embed_dim: 
         grid_reshape=m.grid_reshape,
         long_skips=m.long_skips,
         base_latent_size=m.base_resolution // 8,
-    )
-
-
-def make_train_scheduler(settings: Settings) -> DDPMScheduler:
-    return DDPMScheduler(
-        num_train_timesteps=settings.dit.num_train_timesteps,
-        beta_schedule=settings.dit.beta_schedule,
-        prediction_type="epsilon",
     )
 
 
@@ -195,13 +187,12 @@ class LatentCache:
         bank = encode_windows(vae, clips, num_frames, text, self.seed, frame_buckets=self.frame_buckets)
         if len(bank):
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
             keys = ["latents." + "x".join(map(str, z.shape)) for z in bank.latents]
             stacks = {key: torch.stack([z for z, k in zip(bank.latents, keys) if k == key]).contiguous()
                       for key in dict.fromkeys(keys)}
-            save_file(stacks, str(tmp), metadata={"keys": json.dumps(keys),
-                                                  "captions": json.dumps([text.captions[i] for i in bank.caption_ids])})
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                save_file(stacks, str(tmp), metadata={
+                    "keys": json.dumps(keys), "captions": json.dumps([text.captions[i] for i in bank.caption_ids])})
             atomic_write_json(self.dir / "clips.json", {"captions": [c.caption for c in clips]})
         return bank
 
@@ -313,13 +304,13 @@ def train_dit(
 def render_samples(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir: Path) -> list[Path]:
     """Videos for the fixed prompts and seeds of ``generate``, so stages compare by eye in MLflow."""
     from easyanimate.data.video_io import write_video
-    from easyanimate.pipelines import EasyAnimatePipeline, make_scheduler
+    from easyanimate.pipelines import EasyAnimatePipeline
 
     tokenizer, encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
     pipe = EasyAnimatePipeline(
         vae=SliceVAE.from_pretrained(vae_dir), transformer=EasyAnimateTransformer3DModel.from_pretrained(dit_dir),
         text_encoder=encoder, tokenizer=tokenizer,
-        scheduler=make_scheduler(settings.generate.scheduler, dict(make_train_scheduler(settings).config)),
+        scheduler=make_inference_scheduler(settings),
     )
     pipe.set_progress_bar_config(disable=True)
     g = settings.generate

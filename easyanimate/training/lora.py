@@ -28,8 +28,8 @@ from easyanimate.training.dit import (
     diffusion_loss,
     encode_windows,
     latent_multiple,
-    make_train_scheduler,
 )
+from easyanimate.schedulers import make_train_scheduler
 from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.utils import atomic_directory
 

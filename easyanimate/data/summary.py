@@ -1,0 +1,72 @@
+"""What a curation run reports: metrics, reject reasons, score histograms and the clip table.
+
+The score columns come from the configured filters (``Column.histogram``), so a new filter's scores are
+summarised without touching this module.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HISTOGRAM_BINS = 10  # equal-width bins between each score's observed min and max
+
+
+def score_columns(filters) -> list[str]:
+    """Summarised columns in filter run order."""
+    return [col.name for f in filters for col in f.columns if col.histogram]
+
+
+def summarise(df: pd.DataFrame, filters) -> dict:
+    counts = Counter(df["status"])
+    reasons = Counter(df.loc[df["status"] != "accepted", "reject_reason"].fillna("unknown"))
+    metrics = {f"curate/{status}": float(n) for status, n in counts.items()}
+    metrics.update({f"curate/reject.{reason}": float(n) for reason, n in reasons.items()})
+    metrics["curate/clips_total"] = float(len(df))
+    accepted = df[df["status"] == "accepted"]
+    for column in (*score_columns(filters), "duration_s"):
+        if len(accepted) and column in accepted:
+            metrics[f"curate/accepted_mean_{column}"] = float(accepted[column].mean())
+    return metrics
+
+
+def reject_reason_table(df: pd.DataFrame) -> list[dict]:
+    rows = df[df["status"] != "accepted"]
+    counts = Counter(zip(rows["status"], rows["reject_reason"].fillna("unknown")))
+    return [{"status": s, "reject_reason": r, "clips": n} for (s, r), n in sorted(counts.items())]
+
+
+def score_histograms(df: pd.DataFrame, filters) -> list[dict]:
+    """Counts per bin of every computed score (all scored clips, accepted or not), one row per bin."""
+    rows = []
+    for column in score_columns(filters):
+        if column not in df:
+            continue
+        values = df[column].dropna().to_numpy(dtype=float)
+        if not len(values):
+            continue
+        counts, edges = np.histogram(values, bins=HISTOGRAM_BINS)
+        rows += [{"score": column, "bin_low": round(float(lo), 6), "bin_high": round(float(hi), 6), "clips": int(n)}
+                 for lo, hi, n in zip(edges[:-1], edges[1:], counts)]
+    return rows
+
+
+def manifest_table(df: pd.DataFrame, filters) -> list[dict]:
+    """Every clip with its scores and reason (JSON-able: NA becomes None)."""
+    cols = ["source", "start_s", "end_s", "status", "reject_reason", *score_columns(filters)]
+    view = df[[c for c in cols if c in df]].round(4).astype(object)
+    return view.where(view.notna(), None).to_dict("records")
+
+
+def write_summary(summary_dir: Path, reasons: list[dict], hist: list[dict]) -> Path:
+    """``reject_reasons.csv`` and ``score_histograms.csv`` (deterministic: they live beside the manifest)."""
+    summary_dir = Path(summary_dir)
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(reasons, columns=["status", "reject_reason", "clips"]).to_csv(summary_dir / "reject_reasons.csv",
+                                                                             index=False)
+    pd.DataFrame(hist, columns=["score", "bin_low", "bin_high", "clips"]).to_csv(summary_dir / "score_histograms.csv",
+                                                                               index=False)
+    return summary_dir
