@@ -14,7 +14,7 @@ export PREFECT_HOME := $(CURDIR)/.easyanimate/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-test demo test repro clean serve-prefect prefect-up prefect-down retrain
+.PHONY: install install-test lint demo test repro clean serve-prefect prefect-up prefect-down retrain
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ demo: $(STAMP)
 	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	$(BIN)/easyanimate pipeline
 
-test: $(TEST_STAMP)
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(TEST_STAMP) lint
+	$(BIN)/easyanimate dvc-yaml --check
 	$(BIN)/python -m pytest -q
 
 repro: $(STAMP)

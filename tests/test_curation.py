@@ -346,3 +346,226 @@ def test_library_never_imports_orchestrators():
         text = py.read_text()
         assert "import prefect" not in text and "import mlflow" not in text, py
         assert "from prefect" not in text and "from mlflow" not in text, py
+
+
+# ------------------------------------------------------------------------------------ filters and captioners as stage objects
+from easyanimate.data.filters import FILTERS, build_filters  # noqa: E402
+from easyanimate.data.filters.base import ClipFilter, Column  # noqa: E402
+from easyanimate.stage_api import StageContext  # noqa: E402
+from easyanimate.utils import hash_path  # noqa: E402
+
+SETUPS: list[str] = []  # devices BrightnessFilter.setup was called with, across instances
+SCORED: list[int] = []
+
+
+class BrightnessFilter(ClipFilter):
+    """A filter that lives only in this test: registering it must be all it takes."""
+
+    name = "brightness"
+    columns = (Column("brightness", digits=3),)
+
+    @property
+    def decode_side(self) -> int:
+        return 64  # smaller than the others': must not change the shared decode size
+
+    def sample_times(self, plan, info):
+        return [(plan.start_s + plan.end_s) / 2]
+
+    def setup(self, device: str) -> None:
+        SETUPS.append(device)
+
+    def score(self, frames):
+        SCORED.append(len(frames))
+        return {"brightness": float(frames.mean()) / 255.0}
+
+    def accept(self, scores):
+        return None if scores["brightness"] >= 0.05 else "too_dark"
+
+    def expectations(self):
+        import great_expectations as gx
+
+        return [gx.expectations.ExpectColumnValuesToBeBetween(column="brightness", min_value=0.05, max_value=1.0)]
+
+
+@pytest.fixture
+def brightness(monkeypatch):
+    monkeypatch.setitem(FILTERS, "brightness", BrightnessFilter)
+    SETUPS.clear()
+    SCORED.clear()
+    yield
+
+
+@pytest.fixture(scope="session")
+def two_videos(tmp_path_factory, clean_clip) -> Path:
+    """Two distinct 4 s videos (the clean clip and its mirror image) with captions."""
+    raw = tmp_path_factory.mktemp("two")
+    shutil.copy(clean_clip, raw / "a.mp4")
+    write_video(decode_frames(clean_clip)[:, :, ::-1].copy(), raw / "b.mp4", probe(clean_clip).fps)
+    (raw / "captions.yaml").write_text(yaml.safe_dump([{"file": f, "caption": "a rabbit"} for f in ("a.mp4", "b.mp4")]))
+    return raw
+
+
+def _stage_settings(raw: Path, out: Path, **curate):
+    # 1-1.5 s pieces: each 4 s video yields two scored clips; no OCR, it is not what these tests are about.
+    return load_settings("/nonexistent/params.yaml", overrides={
+        "paths": {"raw_videos": str(raw), "captions": str(raw / "captions.yaml"), "curated": str(out)},
+        "curate": {"scenes": {"min_duration_s": 1.0, "max_duration_s": 1.5}, "text": {"enabled": False}, **curate}})
+
+
+def test_registered_filter_flows_into_manifest_gate_and_summaries(brightness, two_videos, tmp_path):
+    from easyanimate.data.curate import Curator
+    from easyanimate.data.quality import _expectations
+    from easyanimate.data.summary import manifest_table, score_histograms, summarise
+
+    settings = _stage_settings(two_videos, tmp_path, filters=["aesthetic", "motion", "text", "brightness"])
+    assert Curator(settings).analysis_size(probe(two_videos / "a.mp4")) is None  # 640 px wide: decoded as is
+    df = curate_dataset(two_videos, tmp_path, settings, progress=False)
+    # Manifest: its column sits after the built-in scores (registry order), filled for every scored clip.
+    assert list(df.columns)[9:13] == ["aesthetic", "text_area", "motion", "brightness"]
+    assert str(df["brightness"].dtype) == "float64"
+    acc = df[df["status"] == "accepted"]
+    assert len(acc) == 4 and acc["brightness"].between(0.05, 1).all()
+    # Gate: its expectation is part of the suite and catches a bad value.
+    filters = build_filters(settings)
+    assert "brightness" in {e.column for e in _expectations(settings, filters) if hasattr(e, "column")}
+    bad = df.copy()
+    bad.loc[acc.index[0], "brightness"] = 2.0
+    result = run_quality_gate(bad, settings, tmp_path / "poisoned", clips_dir=tmp_path)
+    assert not result.success and any("(brightness" in f and acc.iloc[0]["clip_id"] in f for f in result.failures)
+    # Summaries: histogram rows, an accepted mean and a column in the clip table.
+    assert {r["score"] for r in score_histograms(df, filters)} == {"aesthetic", "motion", "brightness"}
+    assert summarise(df, filters)["curate/accepted_mean_brightness"] == pytest.approx(acc["brightness"].mean())
+    assert "brightness" in manifest_table(df, filters)[0]
+
+
+def test_filter_setup_once_per_worker_not_per_clip(brightness, two_videos, tmp_path):
+    settings = _stage_settings(two_videos, tmp_path, filters=["brightness", "aesthetic", "motion"], device="cpu")
+    df = curate_dataset(two_videos, tmp_path, settings, progress=False)
+    assert SETUPS == ["cpu"] and len(SCORED) == 4 == (df["status"] == "accepted").sum()
+    SETUPS.clear()
+    curate_dataset(two_videos, tmp_path, settings, progress=False)
+    assert SETUPS == []  # every video served from its records: no model loads at all
+
+
+def test_filters_run_in_configured_order(brightness, clean_clip, tmp_path):
+    # A too-dark clip rejected by the first filter never gets the later scores; listed last, it gets them all.
+    dark = tmp_path / "dark.mp4"
+    write_video((decode_frames(clean_clip) * 0.02).astype(np.uint8), dark, probe(clean_clip).fps)
+    first = _stage_settings(tmp_path, tmp_path / "o1", filters=["brightness", "aesthetic", "motion"])
+    last = _stage_settings(tmp_path, tmp_path / "o2", filters=["aesthetic", "motion", "brightness"],
+                           aesthetic={"threshold": 0.0}, motion={"low": 0.0})
+    (rec1, *_), (rec2, *_) = curate_video(dark, first, tmp_path / "o1"), curate_video(dark, last, tmp_path / "o2")
+    assert rec1["reject_reason"] == rec2["reject_reason"] == "too_dark"
+    assert rec1["aesthetic"] is None and rec1["motion"] is None and rec1["brightness"] < 0.05
+    assert rec2["aesthetic"] is not None and rec2["motion"] is not None
+
+
+def test_unknown_filter_is_named():
+    settings = load_settings("/nonexistent.yaml", overrides={"curate": {"filters": ["aesthetic", "sparkle"]}})
+    with pytest.raises(ValueError, match="curate.filters: unknown filter 'sparkle'"):
+        build_filters(settings)
+    with pytest.raises(Exception, match="twice"):
+        load_settings("/nonexistent.yaml", overrides={"curate": {"filters": ["motion", "motion"]}})
+
+
+def test_reordering_filters_keys_new_records_but_not_device():
+    from easyanimate.data.curate import settings_hash
+
+    settings = _settings()
+
+    def with_curate(**kw):
+        return settings.model_copy(update={"curate": settings.curate.model_copy(update=kw)})
+
+    assert settings_hash(with_curate(device="cpu")) == settings_hash(with_curate(device="cuda")) == settings_hash(settings)
+    assert settings_hash(with_curate(filters=("motion", "aesthetic", "text"))) != settings_hash(settings)
+
+
+def test_device_reaches_ocr(monkeypatch):
+    import sys
+    import types
+
+    from easyanimate.data.curate import resolve_device
+    from easyanimate.data.filters.text import TextFilter
+
+    made = []
+    monkeypatch.setitem(sys.modules, "easyocr", types.SimpleNamespace(Reader=lambda *a, **k: made.append(k) or "r"))
+    text = TextFilter(load_settings("/nonexistent.yaml"))
+    text.setup("cuda")
+    text.setup("cuda")  # idempotent: one reader per instance
+    assert [k["gpu"] for k in made] == [True] and text.reader == "r"
+    TextFilter(load_settings("/nonexistent.yaml")).setup("cpu")
+    assert made[-1]["gpu"] is False and made[-1]["download_enabled"] is False
+    assert resolve_device("cpu") == "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(RuntimeError, match="curate.device"):
+            resolve_device("cuda")
+
+
+def _thread_map(fn, items, **shared):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda item: fn(item, **shared), items))
+
+
+def test_run_stage_outputs_reports_and_stable_hash(brightness, two_videos, tmp_path):
+    from easyanimate.data.curate import run_stage
+
+    out, reports = tmp_path / "curated", tmp_path / "reports" / "curate"
+    settings = _stage_settings(two_videos, out, filters=["aesthetic", "motion", "brightness"], device="cpu")
+    logged = []
+
+    class Tracker:
+        def log(self, values, step=None):
+            logged.append((values, step))
+
+    ctx = StageContext(report_dir=reports, checkpoint_dir=tmp_path / "ck", map=_thread_map, trackers=[Tracker()])
+    result = run_stage(settings, ctx)
+    assert result.failure is None and result.info["accepted"] == 4
+    assert SETUPS == ["cpu"]  # the thread runner's threads share one worker's filters
+    assert result.outputs == {"curated": out} and result.info["manifest"] == str(out / "manifest.parquet")
+    assert set(result.artifacts) == {out / "manifest.parquet", out / "gate.json", reports / "gate_report",
+                                     out / "summary"}
+    # The timestamped Data Docs live with the reports; the curated data holds only deterministic files.
+    assert (reports / "gate_report" / "index.html").exists() and not (out / "gate_report").exists()
+    assert (reports / "metrics.json").exists() and result.metrics["curate/gate_passed"] == 1.0
+    assert result.metrics["curate/accepted"] == 4 and "curate/accepted_mean_brightness" in result.metrics
+    assert set(result.tables) == {"curate-reject-reasons", "curate-manifest", "curate-score-histograms"}
+    assert "brightness" in result.tables["curate-score-histograms"][0]
+    assert result.links["curate-gate-report"][0].startswith("file://")
+    assert "passed" in result.markdown["curate-gate-report-summary"][1]
+    series = [(v, s) for v, s in logged if "curate.hist.brightness" in v]
+    assert [s for _, s in series] == list(range(10)) and sum(v["curate.hist.brightness"] for v, _ in series) == 4
+    assert (out / "summary" / "reject_reasons.csv").exists()
+
+    before = hash_path(out)
+    again = run_stage(settings, ctx)  # an unchanged rerun must not change the data DVC versions
+    assert hash_path(out) == before and again.metrics == result.metrics
+
+
+def test_run_stage_gate_failure(two_videos, tmp_path):
+    from easyanimate.data.curate import run_stage
+
+    settings = _stage_settings(two_videos, tmp_path / "curated")
+    settings = settings.model_copy(update={"paths": settings.paths.model_copy(update={"captions": tmp_path / "none.yaml"})})
+    ctx = StageContext(report_dir=tmp_path / "reports", checkpoint_dir=tmp_path / "ck", write_reports=False)
+    result = run_stage(settings, ctx)
+    assert result.failure.startswith("curated data failed the quality gate:\n- no accepted clips")
+    assert "Quality gate FAILED" in result.markdown["curate-gate"][1]
+    assert result.metrics["curate/gate_passed"] == 0.0 and result.metrics["curate/reject.no_caption"] == 4
+    assert not (tmp_path / "reports" / "metrics.json").exists()  # write_reports=False leaves the reports alone
+    assert json.loads((tmp_path / "curated" / "gate.json").read_text())["success"] is False
+
+
+def test_captioner_registry_and_lazy_setup(tmp_path):
+    from easyanimate.data.captioners import CAPTIONERS, build_captioner
+
+    assert set(CAPTIONERS) == {"sidecar", "vlm"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump([{"file": "a.mp4", "caption": "a rabbit"}]))
+    cap = build_captioner(_settings(tmp_path / "c.yaml"))
+    assert isinstance(cap, SidecarCaptioner) and cap.frames_per_clip == 0 and not cap.uses_device
+    cap.setup("cpu")
+    assert cap("a.mp4", 0.0, 3.0) == "a rabbit"

@@ -152,7 +152,8 @@ def test_prefect_yaml_declares_networkless_deployments_of_real_flows():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert set(deployments) == {"weekly", "new-raw-data", "on-demand"}
-    expected_flow = {"weekly": "retrain", "new-raw-data": "curate", "on-demand": "evaluate"}
+    expected_flow = {"weekly": "retrain", "new-raw-data": "curate", "on-demand": "stage"}
+    assert deployments["on-demand"]["parameters"] == {"name": "evaluate"}
     for name, deployment in deployments.items():
         flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
         assert isinstance(flow, Flow) and flow.name == expected_flow[name], name
