@@ -385,11 +385,12 @@ def dvc_yaml(params_file: str | Path = "params.yaml", root: str | Path = ".") ->
     for spec in STAGES:
         deps = [rel(getattr(settings.paths, d)) for d in spec.deps if d != "captions"]
         deps += [rel(settings.paths.reports / r) for r in spec.report_deps]
-        deps += [rel(f) for f in stage_files(spec.name)]
+        # Code deps name the package folder beside dvc.yaml (the project's own copy of the code).
+        deps += [f"{PACKAGE}/{f.relative_to(PACKAGE_DIR).as_posix()}" for f in stage_files(spec.name)]
         params: list = [p for p in ("preset", *spec.params) if _has_key(overrides, p)]
         from_preset = [p for p in spec.params if _has_key(preset_values, p)]
         if from_preset:
-            params.append({rel(preset_file): from_preset})
+            params.append({f"{PACKAGE}/{preset_file.relative_to(PACKAGE_DIR).as_posix()}": from_preset})
         stage: dict = {"cmd": f"easyanimate run {spec.name}", "deps": deps}
         if params:
             stage["params"] = params

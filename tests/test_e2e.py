@@ -52,7 +52,6 @@ def make_project(root: Path, params: dict, videos: list[str], captions: bool = T
     root.mkdir(parents=True)
     for name in ("easyanimate", "flows"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     samples = root / "data" / "samples"
@@ -62,6 +61,8 @@ def make_project(root: Path, params: dict, videos: list[str], captions: bool = T
     if captions:
         shutil.copy(REPO / "data" / "samples" / "captions.yaml", samples / "captions.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    # This project overrides more sections than the repo's params.yaml: generate its own dvc.yaml, as a user does.
+    subprocess.run([str(BIN / "easyanimate"), "dvc-yaml"], cwd=root, check=True, capture_output=True)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=root, check=True)
