@@ -24,7 +24,8 @@ import numpy as np
 from easyanimate.config import load_settings
 from easyanimate.data.captioners import CaptionRequest
 from easyanimate.data.captioners.sidecar import SidecarCaptioner
-from easyanimate.data.curate import ClipSamples, _analysis_size, analyse_video
+from easyanimate.data.curate import Curator, analyse_video, resolve_device
+from easyanimate.data.filters.base import uniform_times
 from easyanimate.data.manifest import file_hash
 from easyanimate.data.scenes import scan_video
 from easyanimate.data.video_io import probe
@@ -52,13 +53,15 @@ def curation_analysis(videos: list[Path], settings, hashes: dict) -> tuple[float
 def clip_frames(videos: list[Path], settings) -> list[tuple[np.ndarray, np.ndarray]]:
     """(middle frame, caption frames) of every planned clip, collected in one pass per video."""
     out = []
+    curator, n = Curator(settings), settings.curate.caption.num_frames
+
+    def times(plan):
+        return [(plan.start_s + plan.end_s) / 2, *uniform_times(plan.start_s, plan.end_s, n)]
+
     for video in videos:
         info = probe(video)
-        samples = lambda plan: ClipSamples.for_plan(plan, info, settings)  # noqa: E731
-        scan_video(video, info, settings.curate.scenes, _analysis_size(info, settings),
-                   times_for=lambda plan: samples(plan).times(),
-                   on_clip=lambda plan, fr: out.append((samples(plan).split(fr)["middle"][0],
-                                                        samples(plan).split(fr)["caption"])))
+        scan_video(video, info, settings.curate.scenes, curator.analysis_size(info), times_for=times,
+                   on_clip=lambda plan, fr: out.append((fr[0], fr[1:])))
     return out
 
 
@@ -116,12 +119,15 @@ def main() -> None:
     if not frames:
         print("no clips planned: OCR/caption figures skipped")
         return
-    from easyanimate.data.filters.text import get_reader, text_area
+    from easyanimate.data.filters.text import TextFilter
 
-    get_reader(base.weights)  # model load is a one-off, not a per-clip cost
+    device = resolve_device(base.curate.device)
+    ocr = TextFilter(base.model_copy(update={"curate": base.curate.model_copy(update={
+        "text": base.curate.text.model_copy(update={"enabled": True})})}))
+    ocr.setup(device)  # model load is a one-off, not a per-clip cost
     t0 = time.perf_counter()
     for middle, _ in frames:
-        text_area(middle, base.weights, base.curate.text.max_side)
+        ocr.score(middle[None])
     print(f"OCR: {(time.perf_counter() - t0) / len(frames):.3f} s/clip over {len(frames)} clips")
 
     from easyanimate.data.captioners.vlm import VLMCaptioner
@@ -135,6 +141,7 @@ def main() -> None:
             "weights": base.weights.model_copy(update={"captioner": str(model_dir)}),
         })
         captioner = VLMCaptioner.from_settings(vlm_settings)
+        captioner.setup(device)
         requests = [CaptionRequest("x", 0.0, 1.0, cap) for _, cap in frames]
         t0 = time.perf_counter()
         captioner.caption_clips(requests)

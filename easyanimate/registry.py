@@ -25,8 +25,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from easyanimate.config import Settings
-from easyanimate.lineage import (PARAMS_ARTIFACT, RUN_TAG, checkpoint_tags, dvc_hash, git_commit, params_hash,
-                                 resolve_stage_runs)
+from easyanimate.lineage import (
+    PARAMS_ARTIFACT,
+    RUN_TAG,
+    checkpoint_tags,
+    dvc_hash,
+    git_commit,
+    params_hash,
+    resolve_stage_runs,
+)
 from easyanimate.promotion import Candidate, Decision, decide
 from easyanimate.stage_api import StageContext, StageResult, read_json, write_reports
 from easyanimate.stages import STAGE_NAMES, TRAINED_STAGES, get_stage, report_dir, stage_version

@@ -58,7 +58,7 @@ _DIT = ("dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout", "
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("curate", "easyanimate.data.curate:run_stage", ("raw_videos", "captions"), ("curated",), cached=False,  # resumes per video instead
               params=("curate", "weights.ocr", "weights.aesthetic_clip", "weights.aesthetic_head", "weights.captioner"),
-              description="scene split, filters, captions, manifest and quality gate"),
+              report_outs=("gate_report",), description="scene split, filters, captions, manifest and quality gate"),
     StageSpec("vae_stage1", "easyanimate.training.vae:run_stage1", ("curated",), ("vae_stage1",),
               ("vae.model", "vae.stage1", "vae.eval", "vae.mixed_precision", "weights.lpips"),
               trains=True, warm_start="vae", plots=_LOSS, description="Slice VAE: encoder + decoder"),

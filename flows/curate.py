@@ -21,6 +21,6 @@ def curate_flow(params_path: str | None = None, input_dir: str | None = None, ou
         paths["curated"] = Path(output_dir)
     if paths:
         settings = settings.model_copy(update={"paths": settings.paths.model_copy(update=paths)})
-    # A folder curated on the side keeps its reports beside it, not in the pipeline's own reports.
-    context = {"report_dir": Path(output_dir) / "reports"} if output_dir else {}
+    # A folder curated on the side keeps its reports beside it (never inside it: they would change its hash).
+    context = {"report_dir": Path(output_dir).parent / f"{Path(output_dir).name}-reports"} if output_dir else {}
     return stage_task("curate", settings, params_path, parent_run_id, **context)

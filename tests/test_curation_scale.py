@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from easyanimate.config import load_settings
-from easyanimate.data.curate import ClipSamples, _analysis_size, analyse_video, curate_dataset
+from easyanimate.data.curate import Curator, analyse_video, curate_dataset
 from easyanimate.data.manifest import read_manifest
 from easyanimate.data.scenes import plan_clips, scan_video
 from easyanimate.data.video_io import decode_frames, ffmpeg_exe, probe
@@ -57,10 +57,11 @@ def test_single_pass_frames_equal_per_clip_decode(trailer_head):
     """Frames handed out by the scan are exactly what a separate decode of each clip returns."""
     settings = _settings()
     info = probe(trailer_head)
-    size = _analysis_size(info, settings)
+    curator = Curator(settings)
+    size = curator.analysis_size(info)
     assert size == (640, 360)  # the resize path is exercised
     got: dict = {}
-    samples = lambda plan: ClipSamples.for_plan(plan, info, settings)  # noqa: E731
+    samples = lambda plan: curator.samples(plan, info)  # noqa: E731
     scenes, handed = scan_video(trailer_head, info, settings.curate.scenes, size,
                                 times_for=lambda plan: samples(plan).times(),
                                 on_clip=lambda plan, frames: got.setdefault((plan.start_s, plan.end_s), frames))
@@ -98,6 +99,7 @@ def test_vlm_captions_batched_across_clips(trailer_head, tiny_blip):
                    "caption": {"captioner": "vlm", "num_frames": 2, "batch_size": 4, "max_new_tokens": 4}},
     })
     captioner = VLMCaptioner.from_settings(settings)
+    captioner.setup("cpu")  # the curator's own setup() then finds the model loaded and keeps it
     batches = []
     real = captioner.model.generate
 
@@ -119,12 +121,9 @@ def test_vlm_captions_batched_across_clips(trailer_head, tiny_blip):
 
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from curation import tiny_blip as build
-    finally:
-        sys.path.pop(0)
-    return build(tmp_path_factory.mktemp("blip"))
+    from test_curation_weights import build_tiny_blip  # tests/ is on sys.path (rootdir conftest)
+
+    return build_tiny_blip(tmp_path_factory.mktemp("blip"))
 
 
 # ------------------------------------------------------------------------------------ kill and rerun

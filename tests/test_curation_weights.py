@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from easyanimate.config import AestheticFilterConfig, CaptionConfig, WeightsConfig, load_settings
+from easyanimate.config import CaptionConfig, load_settings
 
 
 @pytest.fixture(scope="module")
@@ -39,35 +39,50 @@ def tiny_laion(tmp_path_factory):
 
     head = _head(24)
     save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(d / "head.safetensors"))
-    return WeightsConfig(aesthetic_clip=str(d / "clip"), aesthetic_head=str(d / "head.safetensors"))
+    return {"aesthetic_clip": str(d / "clip"), "aesthetic_head": str(d / "head.safetensors")}
 
 
-def test_laion_scores_with_local_weights(tiny_laion, frames):
-    from easyanimate.data.filters.laion import LaionAesthetic, laion_aesthetic
-
-    res = laion_aesthetic(frames, AestheticFilterConfig(scorer="laion", threshold=0.0), tiny_laion)
-    assert np.isfinite(res.score)
-    assert res.passed == (res.score >= 0.0) and res.reason == (None if res.passed else "low_aesthetic")
-    assert LaionAesthetic.from_weights(tiny_laion) is LaionAesthetic.from_weights(tiny_laion)  # cached
-    scores = LaionAesthetic.from_weights(tiny_laion).score_frames(frames)
-    assert scores.shape == (4,) and res.score == pytest.approx(float(scores.mean()), abs=1e-3)
+def _laion_settings(threshold: float = 4.0, **weights):
+    return load_settings("/nonexistent.yaml", overrides={
+        "weights": weights, "curate": {"aesthetic": {"scorer": "laion", "threshold": threshold}}})
 
 
-def test_laion_missing_weights_names_setting(frames):
-    from easyanimate.data.filters.laion import laion_aesthetic
+def test_laion_scores_with_local_weights(tiny_laion, frames, monkeypatch):
+    from easyanimate.data.filters import build_filters
+    from easyanimate.data.filters.laion import LaionAesthetic
 
+    loads = []
+    real_init = LaionAesthetic.__init__
+    monkeypatch.setattr(LaionAesthetic, "__init__", lambda self, *a: loads.append(a) or real_init(self, *a))
+    aesthetic = build_filters(_laion_settings(0.0, **tiny_laion))[0]
+    assert aesthetic.name == "aesthetic" and aesthetic.uses_device and loads == []  # nothing loads before setup
+    aesthetic.setup("cpu")
+    aesthetic.setup("cpu")
+    assert len(loads) == 1 and loads[0][2] == "cpu"  # one model per filter instance, on the device given
+    scores = aesthetic.score(frames)
+    assert np.isfinite(scores["aesthetic"])
+    reason = aesthetic.accept(scores)
+    assert reason == (None if scores["aesthetic"] >= 0.0 else "low_aesthetic")
+    assert aesthetic.record(scores)["aesthetic"] == round(scores["aesthetic"], 4)
+    per_frame = aesthetic._model.score_frames(frames)
+    assert per_frame.shape == (4,) and scores["aesthetic"] == pytest.approx(float(per_frame.mean()), abs=1e-5)
+
+
+def test_laion_missing_weights_names_setting():
+    from easyanimate.data.filters import build_filters
+
+    # Construction resolves the paths: a bad setting fails before any video is decoded.
     with pytest.raises(FileNotFoundError, match="weights.aesthetic_clip"):
-        laion_aesthetic(frames, AestheticFilterConfig(scorer="laion"), WeightsConfig())
+        build_filters(_laion_settings())
     with pytest.raises(FileNotFoundError, match="weights.aesthetic_head"):
-        laion_aesthetic(frames, AestheticFilterConfig(scorer="laion"), WeightsConfig(aesthetic_clip="/"))
+        build_filters(_laion_settings(aesthetic_clip="/"))
 
 
-@pytest.fixture(scope="module")
-def tiny_blip(tmp_path_factory):
+def build_tiny_blip(d):
+    """A randomly initialised BLIP captioner saved to folder ``d`` (the real architecture, tiny)."""
     import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    d = tmp_path_factory.mktemp("blip")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "rabbit", "in", "the", "meadow", "green"]
     (d / "vocab.txt").write_text("\n".join(words))
     tok = BertTokenizer(str(d / "vocab.txt"))
@@ -89,10 +104,18 @@ def tiny_blip(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    return build_tiny_blip(tmp_path_factory.mktemp("blip"))
+
+
 def test_vlm_captioner_runs_batched(tiny_blip, frames):
     from easyanimate.data.captioners.vlm import VLMCaptioner
 
     cap = VLMCaptioner(tiny_blip, CaptionConfig(batch_size=3, max_new_tokens=6))
+    with pytest.raises(RuntimeError, match="setup"):
+        cap.caption_frames(frames)  # nothing is loaded until setup
+    cap.setup("cpu")
     per_frame = cap.caption_frames(frames)
     assert len(per_frame) == 4 and all(isinstance(c, str) for c in per_frame)
     caption = cap("x.mp4", 0.0, 4.0, frames)
@@ -105,7 +128,14 @@ def test_vlm_from_settings_and_missing_weights(tiny_blip):
 
     s = load_settings("/nonexistent.yaml", overrides={"weights": {"captioner": str(tiny_blip)},
                                                       "curate": {"caption": {"captioner": "vlm"}}})
-    assert isinstance(build_captioner(s), VLMCaptioner) and build_captioner(s) is build_captioner(s)
+    cap = build_captioner(s)
+    # No process-wide cache: each Curator owns its captioner; the model loads in setup, once.
+    assert isinstance(cap, VLMCaptioner) and cap is not build_captioner(s) and cap.model is None
+    assert cap.uses_device and cap.frames_per_clip == s.curate.caption.num_frames
+    cap.setup("cpu")
+    model = cap.model
+    cap.setup("cpu")
+    assert cap.model is model
     missing = load_settings("/nonexistent.yaml", overrides={"curate": {"caption": {"captioner": "vlm"}}})
     with pytest.raises(FileNotFoundError, match="weights.captioner"):
         build_captioner(missing)

@@ -4,15 +4,20 @@ errors, and the register stage inside the stage runner's MLflow run. Stand-in fi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from easyanimate.config import Settings, load_settings
-from easyanimate.registry import (ModelNotFound, champion_version, download_pipeline, latest_version, lora_path,
-                                  pipeline_folder)
+from easyanimate.registry import (
+    ModelNotFound,
+    champion_version,
+    download_pipeline,
+    latest_version,
+    lora_path,
+    pipeline_folder,
+)
 from easyanimate.tracking import setup_mlflow
 from tests.conftest import REPO
 
@@ -98,8 +103,8 @@ def test_downloads_and_clear_errors_for_bad_uris(project, monkeypatch):
 def _evaluated(settings: Settings) -> None:
     """What the curate and evaluate stages leave for register: a curated folder with its gate, and the
     evaluate reports, scored on the current data and protocol (so promotion re-evaluates nothing)."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from easyanimate.evaluation.evaluate import evaluation_protocol_hash
     from easyanimate.lineage import dvc_hash

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_deployments import (free_port, kill_group, make_deploy_project, project_env, run_bounded,
-                                    wait_healthy)
+from tests.test_deployments import free_port, kill_group, make_deploy_project, project_env, run_bounded, wait_healthy
 
 pytestmark = pytest.mark.slow
 CHAMPION_SEED = 12345  # anything but the training seed, so a warm start is told apart from a fresh model

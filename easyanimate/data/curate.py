@@ -31,12 +31,19 @@ import pandas as pd
 
 from easyanimate.config import CurateConfig, Settings
 from easyanimate.data import manifest as mf
-from easyanimate.data.captioners import CaptionRequest, Captioner, build_captioner
+from easyanimate.data.captioners import Captioner, CaptionRequest, build_captioner
 from easyanimate.data.filters import ClipFilter, build_filters, filter_columns
 from easyanimate.data.quality import run_quality_gate
 from easyanimate.data.scenes import ClipPlan, detect_scenes, plan_clips, scan_video  # noqa: F401
-from easyanimate.data.summary import (HISTOGRAM_BINS, manifest_table, reject_reason_table, score_columns,
-                                      score_histograms, summarise, write_summary)
+from easyanimate.data.summary import (
+    HISTOGRAM_BINS,
+    manifest_table,
+    reject_reason_table,
+    score_columns,
+    score_histograms,
+    summarise,
+    write_summary,
+)
 from easyanimate.data.video_io import VideoError, VideoInfo, cut_clip, decode_frames, probe
 from easyanimate.stage_api import StageContext, StageResult, write_reports
 
@@ -330,7 +337,7 @@ def curate_video(video_path: str | Path, settings: Settings, out_dir: str | Path
 
 def build_manifest(records: list[dict], settings: Settings) -> pd.DataFrame:
     """Records of all videos -> manifest with train/val splits; duplicate clip ids (same bytes twice) dropped."""
-    df = mf.to_frame(records, settings.curate.filters)
+    df = mf.to_frame(records, {c.name: c.dtype for c in filter_columns(settings.curate.filters)})
     df = df.drop_duplicates(subset="clip_id", keep="first").reset_index(drop=True)
     df["split"] = mf.assign_splits(df, settings.curate.val_fraction)
     return df

@@ -80,15 +80,19 @@ def assign_splits(df: pd.DataFrame, val_fraction: float) -> pd.Series:
     return split
 
 
-def columns(filters=None) -> dict[str, str]:
-    """Manifest column -> dtype for the named filters (``curate.filters``; None: every registered filter)."""
-    from easyanimate.data.filters import filter_columns
-
-    return {**HEAD_COLUMNS, **{c.name: c.dtype for c in filter_columns(filters)}, **TAIL_COLUMNS}
+def columns(score_columns: dict[str, str]) -> dict[str, str]:
+    """The full schema around the filters' ``score_columns`` (name -> dtype, in manifest order)."""
+    return {**HEAD_COLUMNS, **score_columns, **TAIL_COLUMNS}
 
 
-def to_frame(records: list[dict], filters=None) -> pd.DataFrame:
-    schema = columns(filters)
+def to_frame(records: list[dict], score_columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """Records -> typed manifest. The curator passes its filters' columns; without them, every record key
+    outside the fixed columns is a float score. (No import of the filters here: training code reads
+    manifests, and a filter edit must not change its code version.)"""
+    if score_columns is None:
+        fixed = {**HEAD_COLUMNS, **TAIL_COLUMNS}
+        score_columns = {k: "float64" for k in dict.fromkeys(k for r in records for k in r if k not in fixed)}
+    schema = columns(score_columns)
     df = pd.DataFrame.from_records(records, columns=list(schema))
     for col, dtype in schema.items():
         df[col] = df[col].astype(dtype)
@@ -109,12 +113,12 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """The manifest with its dtypes; score columns are whichever filters curated it."""
+    """The manifest with its fixed columns typed; score columns keep the dtypes they were written with."""
     df = pd.read_parquet(path)
-    missing = [c for c in {**HEAD_COLUMNS, **TAIL_COLUMNS} if c not in df.columns]
+    fixed = {**HEAD_COLUMNS, **TAIL_COLUMNS}
+    missing = [c for c in fixed if c not in df.columns]
     if missing:
         raise ValueError(f"{path} is not a curation manifest: missing columns {missing}")
-    for col, dtype in columns().items():
-        if col in df.columns:
-            df[col] = df[col].astype(dtype)
+    for col, dtype in fixed.items():
+        df[col] = df[col].astype(dtype)
     return df

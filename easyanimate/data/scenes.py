@@ -159,7 +159,7 @@ def scan_video(
 
     def release_full_pieces(horizon_s: float) -> None:
         # Pieces of the open scene that every possible later cut leaves at full length.
-        start, piece = state["scene_start"], state["piece_start"]
+        piece = state["piece_start"]
         while piece + cfg.max_duration_s + cfg.trim_tail_s <= horizon_s:
             hand_out(ClipPlan(round(piece, 3), round(piece + cfg.max_duration_s, 3)))
             piece += cfg.max_duration_s  # same accumulation as plan_clips

@@ -58,8 +58,8 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from easyanimate.pipelines import EasyAnimatePipeline
-        from easyanimate.runtime import configure_environment
         from easyanimate.registry import pipeline_folder
+        from easyanimate.runtime import configure_environment
 
         configure_environment()
         if not hasattr(self, "defaults"):  # pickled by an earlier version of this class, before its settings

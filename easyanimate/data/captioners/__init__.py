@@ -6,7 +6,7 @@ line here, and its name in ``CaptionConfig.captioner``.
 
 from __future__ import annotations
 
-from easyanimate.data.captioners.base import CaptionRequest, Captioner
+from easyanimate.data.captioners.base import Captioner, CaptionRequest
 from easyanimate.data.captioners.sidecar import SidecarCaptioner
 from easyanimate.data.captioners.vlm import VLMCaptioner
 
