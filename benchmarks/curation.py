@@ -60,8 +60,14 @@ def clip_frames(videos: list[Path], settings) -> list[tuple[np.ndarray, np.ndarr
 
     for video in videos:
         info = probe(video)
-        scan_video(video, info, settings.curate.scenes, curator.analysis_size(info), times_for=times,
-                   on_clip=lambda plan, fr: out.append((fr[0], fr[1:])))
+        scan_video(
+            video,
+            info,
+            settings.curate.scenes,
+            curator.analysis_size(info),
+            times_for=times,
+            on_clip=lambda plan, fr: out.append((fr[0], fr[1:])),
+        )
     return out
 
 
@@ -75,15 +81,33 @@ def tiny_blip(folder: Path) -> Path:
     tok.add_special_tokens({"bos_token": "[DEC]"})
     torch.manual_seed(0)
     cfg = BlipConfig(
-        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, bos_token_id=5, pad_token_id=0, sep_token_id=3, eos_token_id=3,
-                         max_position_embeddings=64, encoder_hidden_size=32),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(words),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            bos_token_id=5,
+            pad_token_id=0,
+            sep_token_id=3,
+            eos_token_id=3,
+            max_position_embeddings=64,
+            encoder_hidden_size=32,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=32,
     )
     BlipForConditionalGeneration(cfg).save_pretrained(folder)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -95,11 +119,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     base = load_settings(args.params, preset=args.preset)
-    curate = base.curate.model_copy(update={
-        "aesthetic": base.curate.aesthetic.model_copy(update={"scorer": "technical"}),
-        "text": base.curate.text.model_copy(update={"enabled": False}),
-        "caption": base.curate.caption.model_copy(update={"captioner": "sidecar"}),
-    })
+    curate = base.curate.model_copy(
+        update={
+            "aesthetic": base.curate.aesthetic.model_copy(update={"scorer": "technical"}),
+            "text": base.curate.text.model_copy(update={"enabled": False}),
+            "caption": base.curate.caption.model_copy(update={"captioner": "sidecar"}),
+        }
+    )
     settings = base.model_copy(update={"curate": curate})
     hashes = {v: file_hash(v) for v in args.videos}
 
@@ -110,10 +136,15 @@ def main() -> None:
         curate_s.append(seconds)
     clips = [r for r in records if r["aesthetic"] is not None]
     print(f"videos: {', '.join(v.name for v in args.videos)}")
-    print(f"plain decode: {min(decode_s):.2f} s   curation analysis: {min(curate_s):.2f} s   "
-          f"({len(records)} clip plans, {len(clips)} scored)")
-    print(f"ratio curation/decode: {min(curate_s) / min(decode_s):.2f}   (goal <= 2.0; rounds: "
-          + ", ".join(f"{c / d:.2f}" for c, d in zip(curate_s, decode_s)) + ")")
+    print(
+        f"plain decode: {min(decode_s):.2f} s   curation analysis: {min(curate_s):.2f} s   "
+        f"({len(records)} clip plans, {len(clips)} scored)"
+    )
+    print(
+        f"ratio curation/decode: {min(curate_s) / min(decode_s):.2f}   (goal <= 2.0; rounds: "
+        + ", ".join(f"{c / d:.2f}" for c, d in zip(curate_s, decode_s))
+        + ")"
+    )
 
     frames = clip_frames(args.videos, settings)
     if not frames:
@@ -122,8 +153,13 @@ def main() -> None:
     from easyanimate.data.filters.text import TextFilter
 
     device = resolve_device(base.curate.device)
-    ocr = TextFilter(base.model_copy(update={"curate": base.curate.model_copy(update={
-        "text": base.curate.text.model_copy(update={"enabled": True})})}))
+    ocr = TextFilter(
+        base.model_copy(
+            update={
+                "curate": base.curate.model_copy(update={"text": base.curate.text.model_copy(update={"enabled": True})})
+            }
+        )
+    )
     ocr.setup(device)  # model load is a one-off, not a per-clip cost
     t0 = time.perf_counter()
     for middle, _ in frames:
@@ -134,19 +170,26 @@ def main() -> None:
 
     vlm_cfg = base.curate.caption.model_copy(update={"captioner": "vlm"})
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, label = (base.weights.captioner, "weights.captioner") if base.weights.captioner else \
-            (tiny_blip(Path(tmp)), "tiny random BLIP: code path only, not a model figure")
-        vlm_settings = base.model_copy(update={
-            "curate": base.curate.model_copy(update={"caption": vlm_cfg}),
-            "weights": base.weights.model_copy(update={"captioner": str(model_dir)}),
-        })
+        model_dir, label = (
+            (base.weights.captioner, "weights.captioner")
+            if base.weights.captioner
+            else (tiny_blip(Path(tmp)), "tiny random BLIP: code path only, not a model figure")
+        )
+        vlm_settings = base.model_copy(
+            update={
+                "curate": base.curate.model_copy(update={"caption": vlm_cfg}),
+                "weights": base.weights.model_copy(update={"captioner": str(model_dir)}),
+            }
+        )
         captioner = VLMCaptioner.from_settings(vlm_settings)
         captioner.setup(device)
         requests = [CaptionRequest("x", 0.0, 1.0, cap) for _, cap in frames]
         t0 = time.perf_counter()
         captioner.caption_clips(requests)
-        print(f"captioning: {(time.perf_counter() - t0) / len(frames):.3f} s/clip over {len(frames)} clips "
-              f"({vlm_cfg.num_frames} frames/clip, batch {vlm_cfg.batch_size}; {label})")
+        print(
+            f"captioning: {(time.perf_counter() - t0) / len(frames):.3f} s/clip over {len(frames)} clips "
+            f"({vlm_cfg.num_frames} frames/clip, batch {vlm_cfg.batch_size}; {label})"
+        )
 
 
 if __name__ == "__main__":

@@ -87,10 +87,20 @@ def dit_kwargs(settings, latent_channels: int, text_dim: int) -> dict:
     image lacks. tests/test_gpu_bench.py checks that both give the same model config.
     """
     m = settings.dit.model
-    return dict(in_channels=latent_channels, patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth,
-                num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, text_embed_dim=text_dim, motion_module=m.motion_module,
-                max_frames_latent=m.max_frames_latent, grid_reshape=m.grid_reshape, long_skips=m.long_skips,
-                base_latent_size=m.base_resolution // 8)
+    return dict(
+        in_channels=latent_channels,
+        patch_size=m.patch_size,
+        hidden_size=m.hidden_size,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        text_embed_dim=text_dim,
+        motion_module=m.motion_module,
+        max_frames_latent=m.max_frames_latent,
+        grid_reshape=m.grid_reshape,
+        long_skips=m.long_skips,
+        base_latent_size=m.base_resolution // 8,
+    )
 
 
 def vae_geometry(settings) -> tuple[int, int]:
@@ -176,9 +186,13 @@ def device_report(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "device_type": device.type}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    total_memory_gib=props.total_memory / GIB)
+        info.update(
+            device_name=torch.cuda.get_device_name(device),
+            cuda=torch.version.cuda,
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            total_memory_gib=props.total_memory / GIB,
+        )
     else:
         info.update(device_name=platform.processor() or "cpu", threads=torch.get_num_threads())
     return info
@@ -246,13 +260,20 @@ def measured_matmul_tflops(device: torch.device, size: int, repeats: int = 10) -
 class DiTTrainer:
     """One training step of the DiT as easyanimate.training runs it, on a fixed random batch."""
 
-    def __init__(self, model, settings, device: torch.device, amp_dtype: torch.dtype | None, latent_shape,
-                 text_tokens: int, text_dim: int):
+    def __init__(
+        self,
+        model,
+        settings,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        latent_shape,
+        text_tokens: int,
+        text_dim: int,
+    ):
         stage = settings.dit.stage3  # whole-model fine-tuning: every parameter trains
         self.model, self.device, self.amp_dtype = model, device, amp_dtype
         self.max_grad_norm = stage.max_grad_norm
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=stage.learning_rate,
-                                           weight_decay=stage.weight_decay)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=stage.learning_rate, weight_decay=stage.weight_decay)
         self.latent_shape, self.text_tokens, self.text_dim = latent_shape, text_tokens, text_dim
         self.num_train_timesteps = settings.dit.num_train_timesteps
 
@@ -270,8 +291,9 @@ class DiTTrainer:
 
     def step(self, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "target"}
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             pred = self.model(**inputs).sample
         loss = F.mse_loss(pred.float(), batch["target"])
         loss.backward()
@@ -306,8 +328,10 @@ class DiTTrainer:
         fixed = p_small - small * per_sample
         budget = torch.cuda.get_device_properties(self.device).total_memory * memory_fraction
         batch = int(max(1, min(max_batch, (budget - fixed) // per_sample)))
-        return batch, (f"auto: peak {p_small / GIB:.1f} GiB at batch {small}, +{per_sample / GIB:.2f} GiB per sample, "
-                       f"{memory_fraction:.0%} of {budget / memory_fraction / GIB:.0f} GiB")
+        return batch, (
+            f"auto: peak {p_small / GIB:.1f} GiB at batch {small}, +{per_sample / GIB:.2f} GiB per sample, "
+            f"{memory_fraction:.0%} of {budget / memory_fraction / GIB:.0f} GiB"
+        )
 
 
 def bench_dit(args) -> dict:
@@ -336,12 +360,16 @@ def bench_dit(args) -> dict:
     sync(device)
     build_s = time.perf_counter() - began
     params = sum(p.numel() for p in model.parameters())
-    print(f"DiT: hidden {m.hidden_size}, depth {m.depth}, heads {m.num_heads}, motion module {m.motion_module} "
-          f"(grid {m.grid_reshape}), long skips {m.long_skips}: {params / 1e6:.1f} M params, built in {build_s:.1f} s",
-          flush=True)
-    print(f"input: {args.resolution} px x {args.frames} frames -> latent {latent_shape} "
-          f"({(side // m.patch_size) ** 2} tokens/frame), text {text_tokens} x {text_dim} ({text_dim_source})",
-          flush=True)
+    print(
+        f"DiT: hidden {m.hidden_size}, depth {m.depth}, heads {m.num_heads}, motion module {m.motion_module} "
+        f"(grid {m.grid_reshape}), long skips {m.long_skips}: {params / 1e6:.1f} M params, built in {build_s:.1f} s",
+        flush=True,
+    )
+    print(
+        f"input: {args.resolution} px x {args.frames} frames -> latent {latent_shape} "
+        f"({(side // m.patch_size) ** 2} tokens/frame), text {text_tokens} x {text_dim} ({text_dim_source})",
+        flush=True,
+    )
     trainer = DiTTrainer(model, settings, device, amp_dtype, latent_shape, text_tokens, text_dim)
 
     if args.batch:
@@ -388,16 +416,36 @@ def bench_dit(args) -> dict:
     achieved = flops_counted / step_s / 1e12
     achieved_analytic = flops_analytic / step_s / 1e12
     result = {
-        "part": "dit", **info, "tiny": args.tiny, "precision": "bf16 autocast, fp32 weights + AdamW state"
-        if amp_dtype else "fp32", "params": params, "matmul_params": matmul_params(model), "batch": batch,
-        "batch_note": batch_note, "resolution": args.resolution, "frames": args.frames,
-        "latent_shape": list(latent_shape), "text_tokens": text_tokens, "text_dim": text_dim,
-        "tokens_per_step": tokens, "steps": args.steps, "step_s": step_s, "tokens_per_s": tokens / step_s,
-        "samples_per_s": batch / step_s, "flops_counted": flops_counted, "flops_analytic": flops_analytic,
-        "flops_by_group_forward": forward, "tflops_counted": achieved, "tflops_analytic": achieved_analytic,
-        "peak_tflops": peak, "peak_source": peak_source,
-        "mfu": achieved / peak if peak else None, "mfu_analytic": achieved_analytic / peak if peak else None,
-        "matmul_tflops": matmul, "peak_memory_gib": gib(mem.peak), "final_loss": float(loss),
+        "part": "dit",
+        **info,
+        "tiny": args.tiny,
+        "precision": "bf16 autocast, fp32 weights + AdamW state" if amp_dtype else "fp32",
+        "params": params,
+        "matmul_params": matmul_params(model),
+        "batch": batch,
+        "batch_note": batch_note,
+        "resolution": args.resolution,
+        "frames": args.frames,
+        "latent_shape": list(latent_shape),
+        "text_tokens": text_tokens,
+        "text_dim": text_dim,
+        "tokens_per_step": tokens,
+        "steps": args.steps,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "samples_per_s": batch / step_s,
+        "flops_counted": flops_counted,
+        "flops_analytic": flops_analytic,
+        "flops_by_group_forward": forward,
+        "tflops_counted": achieved,
+        "tflops_analytic": achieved_analytic,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "mfu": achieved / peak if peak else None,
+        "mfu_analytic": achieved_analytic / peak if peak else None,
+        "matmul_tflops": matmul,
+        "peak_memory_gib": gib(mem.peak),
+        "final_loss": float(loss),
     }
     print_dit(result)
     return result
@@ -408,15 +456,21 @@ def print_dit(r: dict) -> None:
     print(f"precision: {r['precision']}; batch {r['batch']} x {r['tokens_per_step'] // r['batch']} tokens")
     print(f"step time:      {r['step_s'] * 1000:9.1f} ms (mean of {r['steps']} steps)")
     print(f"throughput:     {r['tokens_per_s']:9.0f} tokens/s, {r['samples_per_s']:.2f} clips/s")
-    print(f"model FLOPs:    {r['flops_counted'] / 1e12:9.4g} TFLOP/step counted (FlopCounterMode), "
-          f"{r['flops_analytic'] / 1e12:.4g} analytic (ratio {r['flops_counted'] / r['flops_analytic']:.4f}); "
-          f"6*N*tokens = {6 * r['matmul_params'] * r['tokens_per_step'] / 1e12:.4g}")
+    print(
+        f"model FLOPs:    {r['flops_counted'] / 1e12:9.4g} TFLOP/step counted (FlopCounterMode), "
+        f"{r['flops_analytic'] / 1e12:.4g} analytic (ratio {r['flops_counted'] / r['flops_analytic']:.4f}); "
+        f"6*N*tokens = {6 * r['matmul_params'] * r['tokens_per_step'] / 1e12:.4g}"
+    )
     print(f"achieved:       {r['tflops_counted']:9.1f} TFLOP/s")
-    print(f"MFU:            {pct(r['mfu']):>9s} of {r['peak_tflops'] or 'n/a'} TFLOP/s ({r['peak_source']}); "
-          f"analytic FLOPs: {pct(r['mfu_analytic'])}")
+    print(
+        f"MFU:            {pct(r['mfu']):>9s} of {r['peak_tflops'] or 'n/a'} TFLOP/s ({r['peak_source']}); "
+        f"analytic FLOPs: {pct(r['mfu_analytic'])}"
+    )
     if r["matmul_tflops"]:
-        print(f"matmul ceiling: {r['matmul_tflops']:9.1f} TFLOP/s measured; achieved/ceiling "
-              f"{pct(r['tflops_counted'] / r['matmul_tflops'])}")
+        print(
+            f"matmul ceiling: {r['matmul_tflops']:9.1f} TFLOP/s measured; achieved/ceiling "
+            f"{pct(r['tflops_counted'] / r['matmul_tflops'])}"
+        )
     mem = r["peak_memory_gib"]
     print(f"peak memory:    {'n/a (CPU)' if mem is None else f'{mem:9.2f} GiB'}", flush=True)
     if abs(r["flops_counted"] / r["flops_analytic"] - 1) > 0.01:
@@ -428,9 +482,9 @@ def bench_vae(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     settings = paper_settings(args.tiny)
-    from easyanimate.models.vae import SliceVAE
-
     from diffusers.utils import logging as diffusers_logging
+
+    from easyanimate.models.vae import SliceVAE
 
     diffusers_logging.set_verbosity_error()  # .to(bf16) of random weights warns about from_pretrained
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -445,12 +499,17 @@ def bench_vae(args) -> dict:
     z_shape = (1, vae.config.latent_channels, latent_t, args.size // spatial, args.size // spatial)
     slicing = args.slicing == "on"
     print(f"device: {info['device_name']} | torch {info['torch']}", flush=True)
-    print(f"Slice VAE decode {args.size}x{args.size}x{args.frames} from latent {z_shape[1:]}, {args.dtype} weights, "
-          f"slicing {args.slicing} (decoder_slice_latents={vae.config.decoder_slice_latents})", flush=True)
+    print(
+        f"Slice VAE decode {args.size}x{args.size}x{args.frames} from latent {z_shape[1:]}, {args.dtype} weights, "
+        f"slicing {args.slicing} (decoder_slice_latents={vae.config.decoder_slice_latents})",
+        flush=True,
+    )
     with torch.inference_mode():
         # Warm-up on a small latent: kernel selection and library workspaces stay out of the peak.
-        vae.decode(torch.randn(1, z_shape[1], 2 * vae.config.decoder_slice_latents, 8, 8, device=device,
-                               dtype=dtype), use_slicing=slicing)
+        vae.decode(
+            torch.randn(1, z_shape[1], 2 * vae.config.decoder_slice_latents, 8, 8, device=device, dtype=dtype),
+            use_slicing=slicing,
+        )
         z = torch.randn(z_shape, device=device, dtype=dtype)
         status, message, out_shape, seconds = "ok", "", None, None
         with PeakMemory(device) as mem:
@@ -467,16 +526,31 @@ def bench_vae(args) -> dict:
     if status == "ok" and out_shape[2] != args.frames:
         raise SystemExit(f"decoded {out_shape[2]} frames, expected {args.frames}")
     result = {
-        "part": "vae", **info, "tiny": args.tiny, "slicing": slicing, "dtype": args.dtype, "size": args.size,
-        "frames": args.frames, "latent_shape": list(z_shape), "output_shape": out_shape, "status": status,
-        "message": message, "seconds": seconds, "peak_memory_gib": gib(mem.peak),
+        "part": "vae",
+        **info,
+        "tiny": args.tiny,
+        "slicing": slicing,
+        "dtype": args.dtype,
+        "size": args.size,
+        "frames": args.frames,
+        "latent_shape": list(z_shape),
+        "output_shape": out_shape,
+        "status": status,
+        "message": message,
+        "seconds": seconds,
+        "peak_memory_gib": gib(mem.peak),
         "baseline_memory_gib": gib(mem.before),
         "output_gib": 3 * args.frames * args.size**2 * torch.finfo(dtype).bits / 8 / GIB,
     }
     if status == "ok":
-        extra = "" if mem.peak is None else (
-            f"peak {gib(mem.peak):.2f} GiB allocated (weights+latent before: {gib(mem.before):.2f} GiB, "
-            f"decoded video: {result['output_gib']:.2f} GiB), ")
+        extra = (
+            ""
+            if mem.peak is None
+            else (
+                f"peak {gib(mem.peak):.2f} GiB allocated (weights+latent before: {gib(mem.before):.2f} GiB, "
+                f"decoded video: {result['output_gib']:.2f} GiB), "
+            )
+        )
         print(f"result: {extra}{seconds:.1f} s", flush=True)
     else:
         print(f"result: {status.upper()} ({message})", flush=True)
@@ -491,11 +565,13 @@ def summarize(path: Path) -> str:
     if dit:
         r = dit[-1]
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g}"
-        lines += [f"device: {r['device_name']} (torch {r['torch']})",
-                  f"DiT train step ({r['precision']}), {r['resolution']} px x {r['frames']} frames, "
-                  f"batch {r['batch']}: {r['step_s'] * 1000:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
-                  f"{r['tflops_counted']:.1f} TFLOP/s, MFU {mfu}, peak memory "
-                  + ("n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB")]
+        lines += [
+            f"device: {r['device_name']} (torch {r['torch']})",
+            f"DiT train step ({r['precision']}), {r['resolution']} px x {r['frames']} frames, "
+            f"batch {r['batch']}: {r['step_s'] * 1000:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, "
+            f"{r['tflops_counted']:.1f} TFLOP/s, MFU {mfu}, peak memory "
+            + ("n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"),
+        ]
     else:
         lines.append("DiT: no result (failed or timed out: see its log above)")
     vae = {r["slicing"]: r for r in rows if r["part"] == "vae"}
@@ -505,12 +581,16 @@ def summarize(path: Path) -> str:
         if r is None:
             lines.append(f"VAE decode {name}: no result (failed or timed out: see its log above)")
         elif r["status"] != "ok":
-            lines.append(f"VAE decode {name} {r['size']}x{r['size']}x{r['frames']} ({r['dtype']}): "
-                         f"{r['status'].upper()}: {r['message']}")
+            lines.append(
+                f"VAE decode {name} {r['size']}x{r['size']}x{r['frames']} ({r['dtype']}): "
+                f"{r['status'].upper()}: {r['message']}"
+            )
         else:
             peak = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f} GiB"
-            lines.append(f"VAE decode {name} {r['size']}x{r['size']}x{r['frames']} ({r['dtype']}): peak {peak}, "
-                         f"{r['seconds']:.1f} s")
+            lines.append(
+                f"VAE decode {name} {r['size']}x{r['size']}x{r['frames']} ({r['dtype']}): peak {peak}, "
+                f"{r['seconds']:.1f} s"
+            )
     on, off = vae.get(True), vae.get(False)
     if on and off and on["status"] == off["status"] == "ok" and on["peak_memory_gib"] and off["peak_memory_gib"]:
         lines.append(f"VAE peak memory unsliced / sliced: {off['peak_memory_gib'] / on['peak_memory_gib']:.1f}x")
@@ -562,8 +642,10 @@ def main(argv=None) -> dict | None:
         print(summarize(args.json))
         return None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); "
-                         "this part needs a GPU, or --device cpu --tiny for a smoke run")
+        raise SystemExit(
+            f"no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); "
+            "this part needs a GPU, or --device cpu --tiny for a smoke run"
+        )
     result = bench_dit(args) if args.part == "dit" else bench_vae(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

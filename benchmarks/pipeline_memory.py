@@ -26,8 +26,8 @@ def build_pipeline(model: str | None, settings):
     from easyanimate.models.text_encoder import load_text_encoder
     from easyanimate.models.vae import SliceVAE
     from easyanimate.pipelines import EasyAnimatePipeline
+    from easyanimate.registry import pipeline_folder
     from easyanimate.schedulers import make_inference_scheduler
-    from easyanimate.serving.resolve import pipeline_folder
     from easyanimate.training.dit import build_transformer
 
     if model:
@@ -82,9 +82,15 @@ def child(spec: dict) -> dict:
     else:
         pipe.to(device)
     (pipe.enable_vae_slicing if spec["slicing"] else pipe.disable_vae_slicing)()
-    kwargs = dict(num_frames=spec["frames"], height=spec["height"], width=spec["width"],
-                  num_inference_steps=spec["steps"], generator=torch.Generator().manual_seed(0), output_type="np",
-                  max_text_tokens=settings.dit.model.max_text_tokens)
+    kwargs = dict(
+        num_frames=spec["frames"],
+        height=spec["height"],
+        width=spec["width"],
+        num_inference_steps=spec["steps"],
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        max_text_tokens=settings.dit.model.max_text_tokens,
+    )
     began = time.perf_counter()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -97,8 +103,7 @@ def child(spec: dict) -> dict:
         with RSSPeak() as rss:
             pipe(settings.generate.prompts[0], **kwargs)
         peak, resident = rss.peak - rss.before, rss.before
-    return {**spec, "peak_mib": peak / 2**20, "resident_mib": resident / 2**20,
-            "seconds": time.perf_counter() - began}
+    return {**spec, "peak_mib": peak / 2**20, "resident_mib": resident / 2**20, "seconds": time.perf_counter() - began}
 
 
 def main() -> None:
@@ -124,30 +129,48 @@ def main() -> None:
     offloads = [False, True] if device == "cuda" else [False]
     height, width = args.height or settings.generate.height, args.width or settings.generate.width
     where = "CUDA allocated" if device == "cuda" else "CPU RSS above the loaded models"
-    print(f"peak memory of one generation ({where}), {height}x{width}, {args.steps} steps, "
-          f"model {args.model or 'random weights, preset ' + settings.preset}")
+    print(
+        f"peak memory of one generation ({where}), {height}x{width}, {args.steps} steps, "
+        f"model {args.model or 'random weights, preset ' + settings.preset}"
+    )
     print(f"{'frames':>6s} {'vae slicing':>11s} {'offload':>7s} {'peak MiB':>9s} {'resident MiB':>12s} {'seconds':>8s}")
     results = []
     for frames in args.frames:
         for offload in offloads:
             for slicing in (True, False):
-                spec = {"model": args.model, "device": device, "frames": frames, "height": height, "width": width,
-                        "steps": args.steps, "slicing": slicing, "offload": offload}
-                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                                      capture_output=True, text=True)
+                spec = {
+                    "model": args.model,
+                    "device": device,
+                    "frames": frames,
+                    "height": height,
+                    "width": width,
+                    "steps": args.steps,
+                    "slicing": slicing,
+                    "offload": offload,
+                }
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
+                )
                 if proc.returncode != 0:
                     raise SystemExit(f"configuration {spec} failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 results.append(r)
-                print(f"{frames:6d} {str(slicing):>11s} {str(offload):>7s} {r['peak_mib']:9.1f} "
-                      f"{r['resident_mib']:12.1f} {r['seconds']:8.2f}", flush=True)
+                print(
+                    f"{frames:6d} {str(slicing):>11s} {str(offload):>7s} {r['peak_mib']:9.1f} "
+                    f"{r['resident_mib']:12.1f} {r['seconds']:8.2f}",
+                    flush=True,
+                )
     for frames in args.frames:
         for offload in offloads:
-            on, off = (next(r for r in results if r["frames"] == frames and r["offload"] == offload
-                            and r["slicing"] == s) for s in (True, False))
+            on, off = (
+                next(r for r in results if r["frames"] == frames and r["offload"] == offload and r["slicing"] == s)
+                for s in (True, False)
+            )
             if off["peak_mib"] > 0:
-                print(f"{frames} frames{' with offload' if offload else ''}: sliced decode peak is "
-                      f"{on['peak_mib'] / off['peak_mib']:.2f}x the unsliced one")
+                print(
+                    f"{frames} frames{' with offload' if offload else ''}: sliced decode peak is "
+                    f"{on['peak_mib'] / off['peak_mib']:.2f}x the unsliced one"
+                )
 
 
 if __name__ == "__main__":

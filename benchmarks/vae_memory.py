@@ -66,8 +66,14 @@ def child(preset: str, size: int, frames: int, mode: str) -> dict:
     seconds = time.perf_counter() - began
     assert out.shape == video.shape
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"mode": mode, "frames": frames, "peak_mb": peak / 2**20, "above_baseline_mb": (peak - before) / 2**20,
-            "io_uint8_mb": 2 * video.nbytes / 2**20, "seconds": seconds}
+    return {
+        "mode": mode,
+        "frames": frames,
+        "peak_mb": peak / 2**20,
+        "above_baseline_mb": (peak - before) / 2**20,
+        "io_uint8_mb": 2 * video.nbytes / 2**20,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -85,12 +91,19 @@ def main() -> None:
         return
 
     short, long = args.frames
-    print(f"Slice VAE ({args.preset} preset) encode+decode at {args.size}x{args.size}; {short} vs {long} frames "
-          f"(valid lengths: 1 or multiples of 4 >= 8, so not 17/129). Fresh process per row.")
+    print(
+        f"Slice VAE ({args.preset} preset) encode+decode at {args.size}x{args.size}; {short} vs {long} frames "
+        f"(valid lengths: 1 or multiples of 4 >= 8, so not 17/129). Fresh process per row."
+    )
     print(f"{'mode':9s} {'frames':>6s} {'peak MB':>9s} {'above base MB':>14s} {'uint8 in+out MB':>16s} {'seconds':>8s}")
+
     def run_child(size: int, frames: int, mode: str) -> dict:
-        proc = subprocess.run([sys.executable, __file__, "--child", args.preset, str(size), str(frames), mode],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", args.preset, str(size), str(frames), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     results: dict[tuple[str, int], dict] = {}
@@ -98,13 +111,18 @@ def main() -> None:
         for frames in (short, long):
             row = run_child(args.size, frames, mode)
             results[(mode, frames)] = row
-            print(f"{mode:9s} {frames:6d} {row['peak_mb']:9.0f} {row['above_baseline_mb']:14.0f} "
-                  f"{row['io_uint8_mb']:16.1f} {row['seconds']:8.1f}", flush=True)
+            print(
+                f"{mode:9s} {frames:6d} {row['peak_mb']:9.0f} {row['above_baseline_mb']:14.0f} "
+                f"{row['io_uint8_mb']:16.1f} {row['seconds']:8.1f}",
+                flush=True,
+            )
     print(f"\nratio peak({long}) / peak({short}):")
     for mode in args.modes:
         a, b = results[(mode, short)], results[(mode, long)]
-        print(f"  {mode:9s} process peak {b['peak_mb'] / a['peak_mb']:.2f}   "
-              f"above baseline {b['above_baseline_mb'] / max(a['above_baseline_mb'], 1e-9):.2f}")
+        print(
+            f"  {mode:9s} process peak {b['peak_mb'] / a['peak_mb']:.2f}   "
+            f"above baseline {b['above_baseline_mb'] / max(a['above_baseline_mb'], 1e-9):.2f}"
+        )
     print("goal: streamed/sliced process-peak ratio <= 1.25")
 
     from easyanimate.config import load_settings
@@ -112,11 +130,13 @@ def main() -> None:
     tile = load_settings(preset=args.preset).vae.model.tile_sample_size
     big = args.tile_frame_size
     plain, tiled = (run_child(big, short, mode) for mode in ("streamed", TILED))
-    print(f"\ntiling at {big}x{big}, {short} frames (streamed, {tile} px tiles): peak MB untiled "
-          f"{plain['peak_mb']:.0f} ({plain['above_baseline_mb']:.0f} above base, {plain['seconds']:.1f} s), tiled "
-          f"{tiled['peak_mb']:.0f} ({tiled['above_baseline_mb']:.0f} above base, {tiled['seconds']:.1f} s); "
-          f"ratio tiled/untiled process peak {tiled['peak_mb'] / plain['peak_mb']:.2f}, above baseline "
-          f"{tiled['above_baseline_mb'] / max(plain['above_baseline_mb'], 1e-9):.2f}")
+    print(
+        f"\ntiling at {big}x{big}, {short} frames (streamed, {tile} px tiles): peak MB untiled "
+        f"{plain['peak_mb']:.0f} ({plain['above_baseline_mb']:.0f} above base, {plain['seconds']:.1f} s), tiled "
+        f"{tiled['peak_mb']:.0f} ({tiled['above_baseline_mb']:.0f} above base, {tiled['seconds']:.1f} s); "
+        f"ratio tiled/untiled process peak {tiled['peak_mb'] / plain['peak_mb']:.2f}, above baseline "
+        f"{tiled['above_baseline_mb'] / max(plain['above_baseline_mb'], 1e-9):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def naive_codec(frames: np.ndarray, spatial: int, temporal: int) -> np.ndarray:
 
 def score(clips: list[np.ndarray], codec) -> tuple[float, float]:
     outs = [codec(c) for c in clips]
-    return float(np.mean([psnr(c, o) for c, o in zip(clips, outs)])), float(np.mean([ssim(c, o) for c, o in zip(clips, outs)]))
+    return float(np.mean([psnr(c, o) for c, o in zip(clips, outs)])), float(
+        np.mean([ssim(c, o) for c, o in zip(clips, outs)])
+    )
 
 
 @torch.no_grad()
@@ -52,10 +54,17 @@ def latent_noise_ratio(vae: SliceVAE, frames: np.ndarray) -> list[float]:
 def train(curated: Path, work: Path, args) -> tuple[Path, float]:
     from easyanimate.training.vae import train_vae
 
-    common = {"batch_size": args.batch_size, "resolution": args.resolution, "num_frames": 8,
-              "image_ratio": args.image_ratio, "sample_fps": args.fps, "lr_scheduler": "cosine",
-              "warmup_steps": args.warmup, "checkpoint_every": 10**6,
-              "augment": {"random_crop": args.random_crop, "scales": args.scales, "hflip": args.hflip}}
+    common = {
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "num_frames": 8,
+        "image_ratio": args.image_ratio,
+        "sample_fps": args.fps,
+        "lr_scheduler": "cosine",
+        "warmup_steps": args.warmup,
+        "checkpoint_every": 10**6,
+        "augment": {"random_crop": args.random_crop, "scales": args.scales, "hflip": args.hflip},
+    }
     model_overrides = {"latent_channels": args.latent_channels} if args.latent_channels else {}
     if args.pixel_shortcut is not None:
         model_overrides["pixel_shortcut"] = args.pixel_shortcut
@@ -63,13 +72,22 @@ def train(curated: Path, work: Path, args) -> tuple[Path, float]:
         model_overrides["block_out_channels"] = args.block_out_channels
     if args.pixel_shortcut_motion is not None:
         model_overrides["pixel_shortcut_motion"] = args.pixel_shortcut_motion
-    settings = load_settings(preset="tiny", overrides={
-        "paths": {"checkpoints": str(work / "ckpt"), "reports": str(work / "reports")},
-        "vae": {"model": model_overrides,
-                "stage1": {**common, "steps": args.stage1_steps, "learning_rate": args.stage1_lr,
-                           **({"init_logvar": args.init_logvar} if args.init_logvar is not None else {})},
-                "stage2": {**common, "steps": args.stage2_steps, "learning_rate": args.stage2_lr}},
-    })
+    settings = load_settings(
+        preset="tiny",
+        overrides={
+            "paths": {"checkpoints": str(work / "ckpt"), "reports": str(work / "reports")},
+            "vae": {
+                "model": model_overrides,
+                "stage1": {
+                    **common,
+                    "steps": args.stage1_steps,
+                    "learning_rate": args.stage1_lr,
+                    **({"init_logvar": args.init_logvar} if args.init_logvar is not None else {}),
+                },
+                "stage2": {**common, "steps": args.stage2_steps, "learning_rate": args.stage2_lr},
+            },
+        },
+    )
     began = time.perf_counter()
     r1 = train_vae(settings, 1, curated, work / "stage1", work / "ckpt1")
     print(f"stage 1: {args.stage1_steps} steps in {r1.seconds:.0f} s (final loss {r1.final_loss:.4f})", flush=True)
@@ -103,10 +121,18 @@ def main() -> None:
     parser.add_argument("--init-logvar", type=float, help="override vae.stage1.init_logvar of the tiny preset")
     parser.add_argument("--block-out-channels", type=int, nargs="+", help="override the tiny preset's VAE widths")
     parser.add_argument("--latent-channels", type=int, help="override the tiny preset's latent channels")
-    parser.add_argument("--pixel-shortcut", action=argparse.BooleanOptionalAction, default=None,
-                        help="override the tiny preset's vae.model.pixel_shortcut")
-    parser.add_argument("--pixel-shortcut-motion", action=argparse.BooleanOptionalAction, default=None,
-                        help="override the tiny preset's vae.model.pixel_shortcut_motion")
+    parser.add_argument(
+        "--pixel-shortcut",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override the tiny preset's vae.model.pixel_shortcut",
+    )
+    parser.add_argument(
+        "--pixel-shortcut-motion",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override the tiny preset's vae.model.pixel_shortcut_motion",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,7 +146,9 @@ def main() -> None:
     clips, seen = eval_clips("val"), eval_clips("train")
     if not clips:
         raise SystemExit(f"{args.curated} has no val clips")
-    print(f"held-out: {len(clips)} val clip(s), {[len(c) for c in clips]} frames at {args.resolution}px, {args.fps} fps")
+    print(
+        f"held-out: {len(clips)} val clip(s), {[len(c) for c in clips]} frames at {args.resolution}px, {args.fps} fps"
+    )
 
     train_seconds = None
     with tempfile.TemporaryDirectory(prefix="vae-quality-") as tmp:
@@ -135,16 +163,22 @@ def main() -> None:
     base_psnr, base_ssim = score(clips, lambda c: naive_codec(c, s, t))
 
     print(f"\n{'codec':34s} {'PSNR dB':>8s} {'SSIM':>7s}")
-    print(f"{'Slice VAE (' + str(model_dir if args.model else 'trained here') + ')':34s} {vae_psnr:8.2f} {vae_ssim:7.3f}")
+    print(
+        f"{'Slice VAE (' + str(model_dir if args.model else 'trained here') + ')':34s} {vae_psnr:8.2f} {vae_ssim:7.3f}"
+    )
     print(f"{f'naive area {s}x{s}x{t} + trilinear':34s} {base_psnr:8.2f} {base_ssim:7.3f}")
     print(f"{'(Slice VAE on its training clips)':34s} {seen_psnr:8.2f} {seen_ssim:7.3f}")
-    print("posterior std / spread of the means, per latent channel (held-out clip; near 1 = a channel carries "
-          "no information): " + " ".join(f"{r:.3f}" for r in posterior_noise))
+    print(
+        "posterior std / spread of the means, per latent channel (held-out clip; near 1 = a channel carries "
+        "no information): " + " ".join(f"{r:.3f}" for r in posterior_noise)
+    )
     margin = vae_psnr - base_psnr
     print(f"\nVAE - baseline: {margin:+.2f} dB PSNR (goal >= +3 dB: {'met' if margin >= 3 else 'NOT met'})")
     if train_seconds is not None:
-        print(f"training: stage1 {args.stage1_steps} + stage2 {args.stage2_steps} steps, {train_seconds:.0f} s wall "
-              f"on {torch.get_num_threads()} CPU thread(s)")
+        print(
+            f"training: stage1 {args.stage1_steps} + stage2 {args.stage2_steps} steps, {train_seconds:.0f} s wall "
+            f"on {torch.get_num_threads()} CPU thread(s)"
+        )
 
 
 if __name__ == "__main__":

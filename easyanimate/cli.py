@@ -10,7 +10,9 @@ import typer
 
 from easyanimate.runtime import configure_environment
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="EasyAnimate text-to-video: curate, train, evaluate, serve.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="EasyAnimate text-to-video: curate, train, evaluate, serve."
+)
 ParamsOpt = typer.Option(None, "--params", "-p", help="params file (default: params.yaml or $EASYANIMATE_PARAMS)")
 
 
@@ -39,8 +41,10 @@ def stages() -> None:
     from easyanimate.stages import STAGES
 
     for spec in STAGES:
-        typer.echo(f"{spec.name:12s} reads {', '.join(spec.deps) or '-':32s} writes {', '.join(spec.outs) or 'registry':12s} "
-                   f"{spec.description}")
+        typer.echo(
+            f"{spec.name:12s} reads {', '.join(spec.deps) or '-':32s} writes {', '.join(spec.outs) or 'registry':12s} "
+            f"{spec.description}"
+        )
 
 
 @app.command()
@@ -50,8 +54,9 @@ def config(params: Optional[Path] = ParamsOpt, preset: Optional[str] = typer.Opt
 
 
 @app.command()
-def run(stage: str = typer.Argument(..., help="a stage name (see `easyanimate stages`)"),
-        params: Optional[Path] = ParamsOpt) -> None:
+def run(
+    stage: str = typer.Argument(..., help="a stage name (see `easyanimate stages`)"), params: Optional[Path] = ParamsOpt
+) -> None:
     """Run one stage as a versioned, cached Prefect task (this is what each ``dvc.yaml`` stage calls)."""
     from easyanimate.stages import STAGE_NAMES
 
@@ -76,14 +81,20 @@ def _warn_if_dvc_yaml_stale(params: Optional[Path]) -> None:
     committed = Path("dvc.yaml")
     if committed.exists() and (params is None or params == Path("params.yaml")):
         if committed.read_text() != dvc_yaml("params.yaml", Path.cwd()):
-            typer.secho("warning: dvc.yaml is out of date with easyanimate/stages.py or params.yaml; "
-                        "run `easyanimate dvc-yaml` so `dvc repro` tracks every setting", fg=typer.colors.YELLOW, err=True)
+            typer.secho(
+                "warning: dvc.yaml is out of date with easyanimate/stages.py or params.yaml; "
+                "run `easyanimate dvc-yaml` so `dvc repro` tracks every setting",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
 
 
 @app.command("dvc-yaml")
-def dvc_yaml(params: Path = typer.Option(Path("params.yaml"), "--params", "-p", help="params file DVC reads"),
-             out: Path = typer.Option(Path("dvc.yaml"), help="file to write"),
-             check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if OUT differs")) -> None:
+def dvc_yaml(
+    params: Path = typer.Option(Path("params.yaml"), "--params", "-p", help="params file DVC reads"),
+    out: Path = typer.Option(Path("dvc.yaml"), help="file to write"),
+    check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if OUT differs"),
+) -> None:
     """Generate ``dvc.yaml`` from the stage specs (code deps derived from each stage's imports)."""
     from easyanimate.stages import dvc_yaml as generate
     from easyanimate.utils import atomic_write_text
@@ -91,8 +102,11 @@ def dvc_yaml(params: Path = typer.Option(Path("params.yaml"), "--params", "-p", 
     text = generate(params, Path.cwd())
     if check:
         if not out.exists() or out.read_text() != text:
-            typer.secho(f"{out} is out of date with easyanimate/stages.py and {params}: run `easyanimate dvc-yaml`",
-                        fg=typer.colors.RED, err=True)
+            typer.secho(
+                f"{out} is out of date with easyanimate/stages.py and {params}: run `easyanimate dvc-yaml`",
+                fg=typer.colors.RED,
+                err=True,
+            )
             raise typer.Exit(1)
         typer.echo(f"{out} is up to date")
         return
@@ -101,24 +115,34 @@ def dvc_yaml(params: Path = typer.Option(Path("params.yaml"), "--params", "-p", 
 
 
 @app.command()
-def pipeline(params: Optional[Path] = ParamsOpt,
-             version_data: bool = typer.Option(True, help="dvc commit + push the outputs at the end")) -> None:
+def pipeline(
+    params: Optional[Path] = ParamsOpt,
+    version_data: bool = typer.Option(True, help="dvc commit + push the outputs at the end"),
+) -> None:
     """Run the whole DAG as one Prefect flow with one parent MLflow run."""
     _settings(params)
     from flows.pipeline import pipeline_flow
 
     summary = pipeline_flow(str(params) if params else None, version_data=version_data)
     typer.secho(f"generated video:  {summary['generated_video']}", fg=typer.colors.GREEN)
-    typer.secho(f"registered model: {summary['registered_model']}"
-                + (f" (alias @{summary['alias']}: models:/{summary['registered_model'].split('/')[1]}@{summary['alias']})"
-                   if summary["alias"] else " (not promoted)"), fg=typer.colors.GREEN)
+    typer.secho(
+        f"registered model: {summary['registered_model']}"
+        + (
+            f" (alias @{summary['alias']}: models:/{summary['registered_model'].split('/')[1]}@{summary['alias']})"
+            if summary["alias"]
+            else " (not promoted)"
+        ),
+        fg=typer.colors.GREEN,
+    )
 
 
 @app.command()
-def curate(input_dir: Path = typer.Argument(..., exists=True, file_okay=False),
-           output_dir: Path = typer.Argument(...),
-           preset: Optional[str] = typer.Option(None, help="tiny | paper"),
-           params: Optional[Path] = ParamsOpt) -> None:
+def curate(
+    input_dir: Path = typer.Argument(..., exists=True, file_okay=False),
+    output_dir: Path = typer.Argument(...),
+    preset: Optional[str] = typer.Option(None, help="tiny | paper"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
     """Curate a folder of videos into OUTPUT_DIR/manifest.parquet and OUTPUT_DIR/clips/."""
     _settings(params, preset)
     from easyanimate.stage_api import StageFailed
@@ -143,17 +167,25 @@ def resolve_pipeline_dir(model: str, settings) -> Path:
 
 
 @app.command()
-def generate(prompt: str = typer.Argument(...),
-             out: Path = typer.Option(..., "--out", "-o", help="output .mp4 or .gif"),
-             model: Optional[str] = typer.Option(None, help="pipeline folder or models:/NAME@ALIAS (default: paths.pipeline)"),
-             lora: Optional[str] = typer.Option(None, help="LoRA adapter: folder or .safetensors file written by the "
-                                                           "lora stage, or models:/NAME@ALIAS of a registered adapter"),
-             lora_scale: float = typer.Option(1.0, help="adapter strength (0 = base model)"),
-             steps: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
-             frames: Optional[int] = typer.Option(None), height: Optional[int] = typer.Option(None),
-             width: Optional[int] = typer.Option(None), guidance: Optional[float] = typer.Option(None),
-             negative_prompt: Optional[str] = typer.Option(None),
-             params: Optional[Path] = ParamsOpt) -> None:
+def generate(
+    prompt: str = typer.Argument(...),
+    out: Path = typer.Option(..., "--out", "-o", help="output .mp4 or .gif"),
+    model: Optional[str] = typer.Option(None, help="pipeline folder or models:/NAME@ALIAS (default: paths.pipeline)"),
+    lora: Optional[str] = typer.Option(
+        None,
+        help="LoRA adapter: folder or .safetensors file written by the "
+        "lora stage, or models:/NAME@ALIAS of a registered adapter",
+    ),
+    lora_scale: float = typer.Option(1.0, help="adapter strength (0 = base model)"),
+    steps: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    frames: Optional[int] = typer.Option(None),
+    height: Optional[int] = typer.Option(None),
+    width: Optional[int] = typer.Option(None),
+    guidance: Optional[float] = typer.Option(None),
+    negative_prompt: Optional[str] = typer.Option(None),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
     """Generate a video for PROMPT with a trained pipeline."""
     settings = _settings(params)
     g = settings.generate
@@ -173,21 +205,34 @@ def generate(prompt: str = typer.Argument(...),
             _fail(f"--lora {lora}: {exc}")
     num_frames = frames or g.num_frames
     try:
-        result = pipe(prompt, negative_prompt=negative_prompt if negative_prompt is not None else (g.negative_prompt or None),
-                      num_frames=num_frames, height=height or g.height, width=width or g.width,
-                      num_inference_steps=steps or g.num_inference_steps, guidance_scale=guidance or g.guidance_scale,
-                      generator=torch.Generator().manual_seed(g.seed if seed is None else seed), output_type=fmt,
-                      output_path=out, fps=g.fps, max_text_tokens=settings.dit.model.max_text_tokens)
+        result = pipe(
+            prompt,
+            negative_prompt=negative_prompt if negative_prompt is not None else (g.negative_prompt or None),
+            num_frames=num_frames,
+            height=height or g.height,
+            width=width or g.width,
+            num_inference_steps=steps or g.num_inference_steps,
+            guidance_scale=guidance or g.guidance_scale,
+            generator=torch.Generator().manual_seed(g.seed if seed is None else seed),
+            output_type=fmt,
+            output_path=out,
+            fps=g.fps,
+            max_text_tokens=settings.dit.model.max_text_tokens,
+        )
     except ValueError as exc:
         _fail(str(exc))
-    typer.secho(f"wrote {result.frames[0]} ({num_frames} frames, {width or g.width}x{height or g.height})",
-                fg=typer.colors.GREEN)
+    typer.secho(
+        f"wrote {result.frames[0]} ({num_frames} frames, {width or g.width}x{height or g.height})",
+        fg=typer.colors.GREEN,
+    )
 
 
 @app.command()
-def promote(version: Optional[str] = typer.Option(None, help="model version (default: the latest)"),
-            dry_run: bool = typer.Option(False, "--dry-run", help="decide and print; change no alias or tag"),
-            params: Optional[Path] = ParamsOpt) -> None:
+def promote(
+    version: Optional[str] = typer.Option(None, help="model version (default: the latest)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="decide and print; change no alias or tag"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
     """Gated promotion: VERSION becomes champion only if its gates passed and it beats the champion by the
     margins in registry.promotion (the register stage runs this after every registration)."""
     settings = _settings(params)
@@ -199,14 +244,19 @@ def promote(version: Optional[str] = typer.Option(None, help="model version (def
         _fail(str(exc))
     typer.echo(outcome["markdown"])
     colour = typer.colors.GREEN if outcome["promoted"] else typer.colors.YELLOW
-    typer.secho(f"{'[dry run] ' if dry_run else ''}models:/{outcome['model']}/{outcome['version']} "
-                f"{outcome['decision']}: {outcome['reason']} (champion: v{outcome['champion_after']})", fg=colour)
+    typer.secho(
+        f"{'[dry run] ' if dry_run else ''}models:/{outcome['model']}/{outcome['version']} "
+        f"{outcome['decision']}: {outcome['reason']} (champion: v{outcome['champion_after']})",
+        fg=colour,
+    )
 
 
 @app.command()
-def lineage(model: str = typer.Argument(..., help="models:/NAME/VERSION"),
-            as_json: bool = typer.Option(False, "--json", help="print JSON"),
-            params: Optional[Path] = ParamsOpt) -> None:
+def lineage(
+    model: str = typer.Argument(..., help="models:/NAME/VERSION"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
     """Where a registered version came from: data (DVC hash), git commit, params, parent checkpoints, runs."""
     import os
 
@@ -230,13 +280,22 @@ def lineage(model: str = typer.Argument(..., help="models:/NAME/VERSION"),
         typer.echo(json.dumps(info, indent=2))
         return
     typer.secho(f"{info['model']}  aliases: {', '.join(info['aliases']) or '-'}", bold=True)
-    for key in ("curated_data_dvc_hash", "git_commit", "params_hash", "params_artifact", "warm_start",
-                "pipeline_run_id", "register_run_id"):
+    for key in (
+        "curated_data_dvc_hash",
+        "git_commit",
+        "params_hash",
+        "params_artifact",
+        "warm_start",
+        "pipeline_run_id",
+        "register_run_id",
+    ):
         typer.echo(f"  {key:22s} {info[key] or '-'}")
     typer.echo("  checkpoints:")
     for stage, ckpt in info["checkpoints"].items():
-        typer.echo(f"    {stage:12s} {ckpt.get('path', '-')}  dvc {ckpt.get('dvc_hash', '-')}  "
-                   f"parent: {ckpt.get('parent') or '-'}")
+        typer.echo(
+            f"    {stage:12s} {ckpt.get('path', '-')}  dvc {ckpt.get('dvc_hash', '-')}  "
+            f"parent: {ckpt.get('parent') or '-'}"
+        )
     typer.echo("  runs:")
     for stage in sorted(info["runs"], key=lambda s: STAGE_NAMES.index(s) if s in STAGE_NAMES else len(STAGE_NAMES)):
         run = info["runs"][stage]
@@ -251,16 +310,20 @@ app.add_typer(vae_app, name="vae")
 
 
 @vae_app.command("reconstruct")
-def vae_reconstruct(src: Path = typer.Argument(..., exists=True, dir_okay=False, help="input video"),
-                    dst: Path = typer.Argument(..., help="output .mp4"),
-                    model: Optional[Path] = typer.Option(None, help="VAE folder (default: paths.vae_stage2)"),
-                    frames: Optional[int] = typer.Option(None, help="at most this many frames (default: all)"),
-                    size: Optional[int] = typer.Option(None, help="short side in pixels (default: vae.stage2.resolution)"),
-                    fps: Optional[float] = typer.Option(None, help="sampling rate (default: vae.stage2.sample_fps)"),
-                    tile: bool = typer.Option(False, "--tile/--no-tile",
-                                              help="overlapping spatial tiles of the model's tile_sample_size "
-                                                   "(bounded memory for large frames; approximate)"),
-                    params: Optional[Path] = ParamsOpt) -> None:
+def vae_reconstruct(
+    src: Path = typer.Argument(..., exists=True, dir_okay=False, help="input video"),
+    dst: Path = typer.Argument(..., help="output .mp4"),
+    model: Optional[Path] = typer.Option(None, help="VAE folder (default: paths.vae_stage2)"),
+    frames: Optional[int] = typer.Option(None, help="at most this many frames (default: all)"),
+    size: Optional[int] = typer.Option(None, help="short side in pixels (default: vae.stage2.resolution)"),
+    fps: Optional[float] = typer.Option(None, help="sampling rate (default: vae.stage2.sample_fps)"),
+    tile: bool = typer.Option(
+        False,
+        "--tile/--no-tile",
+        help="overlapping spatial tiles of the model's tile_sample_size (bounded memory for large frames; approximate)",
+    ),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
     """Encode and decode a video through the Slice VAE (slice by slice, bounded memory)."""
     settings = _settings(params)
     model_dir = model or settings.paths.vae_stage2
@@ -275,13 +338,23 @@ def vae_reconstruct(src: Path = typer.Argument(..., exists=True, dir_okay=False,
     vae = SliceVAE.from_pretrained(model_dir).eval()
     if tile:
         vae.enable_tiling()
-    with Progress(TextColumn("[bold]vae reconstruct"), BarColumn(), TextColumn("{task.completed}/{task.total} slices"),
-                  TimeRemainingColumn()) as progress:
+    with Progress(
+        TextColumn("[bold]vae reconstruct"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} slices"),
+        TimeRemainingColumn(),
+    ) as progress:
         bar = progress.add_task("slices", total=None)
         try:
-            video = reconstruct_file(vae, src, dst, size or settings.vae.stage2.resolution,
-                                     fps or settings.vae.stage2.sample_fps, frames,
-                                     callback=lambda done, total: progress.update(bar, completed=done, total=total))
+            video = reconstruct_file(
+                vae,
+                src,
+                dst,
+                size or settings.vae.stage2.resolution,
+                fps or settings.vae.stage2.sample_fps,
+                frames,
+                callback=lambda done, total: progress.update(bar, completed=done, total=total),
+            )
         except (ValueError, VideoError) as exc:
             _fail(str(exc))
     typer.secho(f"wrote {dst} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]})", fg=typer.colors.GREEN)

@@ -200,7 +200,9 @@ class VAEAugmentConfig(_Section):
     """Random crops at several scales and mirroring: a few clips then yield many distinct training patches."""
 
     random_crop: bool = Field(False, description="random resolution-sized crops instead of the centre square")
-    scales: tuple[float, ...] = Field((1.0,), min_length=1, description="short side = resolution x scale, one decode each")
+    scales: tuple[float, ...] = Field(
+        (1.0,), min_length=1, description="short side = resolution x scale, one decode each"
+    )
     hflip: bool = False
 
     @model_validator(mode="after")
@@ -292,12 +294,14 @@ class BucketConfig(_Section):
     instead of a square centre crop; every batch comes from one bucket."""
 
     enabled: bool = True
-    aspect_ratios: tuple[str, ...] = Field(("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16"), min_length=1,
-                                           description="width:height of each bucket")
+    aspect_ratios: tuple[str, ...] = Field(
+        ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16"), min_length=1, description="width:height of each bucket"
+    )
     frame_buckets: tuple[int, ...] = Field(
         (8, 16, 24, 32, 48, 64, 96, 144),
         description="frame counts (multiples of 4, >= 8) a clip shorter than num_frames is cut to; "
-                    "num_frames itself is always a bucket, larger entries are ignored")
+        "num_frames itself is always a bucket, larger entries are ignored",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> "BucketConfig":
@@ -346,8 +350,9 @@ class LoRAConfig(_Section):
     rank: int = Field(8, ge=1)
     alpha: int = Field(8, ge=1)
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    data_dir: Path | None = Field(None, description="style images and/or videos with <name>.txt captions; "
-                                                   "None trains on the curated clips")
+    data_dir: Path | None = Field(
+        None, description="style images and/or videos with <name>.txt captions; None trains on the curated clips"
+    )
     train: LoRATrainConfig = LoRATrainConfig(num_frames=1, image_ratio=1.0)
     registered_model: str = Field("easyanimate-lora", description="MLflow registered model holding the adapters")
     default_scale: float = Field(1.0, ge=0, description="adapter scale the registered LoRA model serves with")

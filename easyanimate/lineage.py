@@ -12,9 +12,16 @@ from easyanimate.config import Settings
 def git_commit(cwd: str | Path = ".") -> str:
     """HEAD commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
@@ -56,8 +63,13 @@ def checkpoint_tags(stage_paths: dict[str, Path], parents: dict[str, str]) -> di
     return tags
 
 
-def resolve_stage_runs(client, experiment_id: str, stage_versions: dict[str, str], evaluate_run_id: str | None = None,
-                       parent_run_id: str | None = None) -> dict[str, tuple[str, str]]:
+def resolve_stage_runs(
+    client,
+    experiment_id: str,
+    stage_versions: dict[str, str],
+    evaluate_run_id: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, tuple[str, str]]:
     """Stage name -> (run id, how it was found) for the runs (of the stages in ``stage_versions``) that
     produced what is being registered.
 
@@ -85,7 +97,9 @@ def resolve_stage_runs(client, experiment_id: str, stage_versions: dict[str, str
         runs = client.search_runs(
             [experiment_id],
             f"tags.stage = '{stage}' and tags.stage_version = '{version}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if runs:
             found[stage] = (runs[0].info.run_id, f"latest finished run of stage version {version}")
     return found

@@ -98,15 +98,19 @@ def same_latent_space(challenger: Candidate, champion: Candidate) -> bool:
     return bool(challenger.latent_space) and challenger.latent_space == champion.latent_space
 
 
-def compare(challenger: dict[str, float], champion: dict[str, float], policy: PromotionConfig,
-            latent_comparable: bool = True) -> list[MetricComparison]:
+def compare(
+    challenger: dict[str, float], champion: dict[str, float], policy: PromotionConfig, latent_comparable: bool = True
+) -> list[MetricComparison]:
     """One row per rule metric that both sides have; latent metrics only when ``latent_comparable``."""
     rows = []
     for rule in RULES:
         a, b = challenger.get(rule.metric), champion.get(rule.metric)
         if rule.latent and not latent_comparable:
-            rows.append(MetricComparison(rule.metric, a, b, None, getattr(policy, rule.tolerance_setting), True, False,
-                                         comparable=False))
+            rows.append(
+                MetricComparison(
+                    rule.metric, a, b, None, getattr(policy, rule.tolerance_setting), True, False, comparable=False
+                )
+            )
             continue
         if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
             rows.append(MetricComparison(rule.metric, a, b, None, getattr(policy, rule.tolerance_setting), True, False))
@@ -137,27 +141,40 @@ def decide(challenger: Candidate, champion: Candidate | None, policy: PromotionC
     if champion.version == ver:
         return Decision(True, "already the champion", ver, champion.version, [])
     if (challenger.data_hash, challenger.protocol_hash) != (champion.data_hash, champion.protocol_hash):
-        return reject(f"metrics not comparable: challenger scored on data {challenger.data_hash[:12]}/protocol "
-                      f"{challenger.protocol_hash[:12]}, champion on {champion.data_hash[:12]}/"
-                      f"{champion.protocol_hash[:12]}; re-evaluate on the same set")
+        return reject(
+            f"metrics not comparable: challenger scored on data {challenger.data_hash[:12]}/protocol "
+            f"{challenger.protocol_hash[:12]}, champion on {champion.data_hash[:12]}/"
+            f"{champion.protocol_hash[:12]}; re-evaluate on the same set"
+        )
     rows = compare(challenger.metrics, champion.metrics, policy, same_latent_space(challenger, champion))
     skipped = [r.metric for r in rows if not r.comparable]
-    note = (f" ({', '.join(skipped)} not compared: the versions' VAEs encode differently, latent space "
-            f"{challenger.latent_space[:12] or 'unknown'} vs {champion.latent_space[:12] or 'unknown'})" if skipped else "")
+    note = (
+        f" ({', '.join(skipped)} not compared: the versions' VAEs encode differently, latent space "
+        f"{challenger.latent_space[:12] or 'unknown'} vs {champion.latent_space[:12] or 'unknown'})"
+        if skipped
+        else ""
+    )
     worse = [r for r in rows if not r.within_tolerance]
     if worse:
-        parts = [f"{r.metric} worse by {-r.gain:.4g} > registry.promotion.{rule_for(r.metric).tolerance_setting} "
-                 f"{r.tolerance:g}" for r in worse]
+        parts = [
+            f"{r.metric} worse by {-r.gain:.4g} > registry.promotion.{rule_for(r.metric).tolerance_setting} "
+            f"{r.tolerance:g}"
+            for r in worse
+        ]
         return reject("regression: " + "; ".join(parts) + note, rows)
     better = [r for r in rows if r.improved]
     if not better:
-        margins = ", ".join(f"{rule.metric} by > registry.promotion.{rule.improvement_setting} "
-                            f"{getattr(policy, rule.improvement_setting):g}" for rule in RULES
-                            if rule.improvement_setting and rule.metric not in skipped)
+        margins = ", ".join(
+            f"{rule.metric} by > registry.promotion.{rule.improvement_setting} "
+            f"{getattr(policy, rule.improvement_setting):g}"
+            for rule in RULES
+            if rule.improvement_setting and rule.metric not in skipped
+        )
         return reject(f"not better than champion v{champion.version}: needs {margins}{note}", rows)
     parts = [f"{r.metric} better by {r.gain:.4g}" for r in better]
-    return Decision(True, f"better than champion v{champion.version}: " + "; ".join(parts) + note, ver,
-                    champion.version, rows)
+    return Decision(
+        True, f"better than champion v{champion.version}: " + "; ".join(parts) + note, ver, champion.version, rows
+    )
 
 
 def rule_for(metric: str) -> MetricRule:

@@ -101,14 +101,19 @@ def download_model(uri: str, dst: str | Path | None = None, tracking_uri: str | 
     """
     uri = str(uri)
     if not uri.startswith(REGISTRY_SCHEME):
-        raise ValueError(f"{uri!r} is not a registry URI ({REGISTRY_SCHEME}NAME/VERSION or {REGISTRY_SCHEME}NAME@ALIAS)")
+        raise ValueError(
+            f"{uri!r} is not a registry URI ({REGISTRY_SCHEME}NAME/VERSION or {REGISTRY_SCHEME}NAME@ALIAS)"
+        )
     where = os.environ.get("MLFLOW_TRACKING_URI", tracking_uri) if tracking_uri else None
 
     def fetch(into: Path | None) -> Path:
         # The registry of a models:/ URI is the registry URI, which defaults to the global tracking URI:
         # name both, or a per-call tracking URI would still resolve against the global registry.
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into) if into else None,
-                                                        tracking_uri=where, registry_uri=where))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(into) if into else None, tracking_uri=where, registry_uri=where
+            )
+        )
 
     try:
         if dst is None:
@@ -138,8 +143,9 @@ def pipeline_folder(ref: str | Path, tracking_uri: str | None = None, dst: str |
         return _folder_holding(download_model(ref, dst, tracking_uri), PIPELINE_MARKER, ref, "pipeline folder")
     path = Path(ref)
     if not (path / PIPELINE_MARKER).is_file():
-        raise FileNotFoundError(f"{ref} is not a pipeline folder (no {PIPELINE_MARKER}); "
-                                "run the pipeline or pass models:/NAME@ALIAS")
+        raise FileNotFoundError(
+            f"{ref} is not a pipeline folder (no {PIPELINE_MARKER}); run the pipeline or pass models:/NAME@ALIAS"
+        )
     return path
 
 
@@ -191,8 +197,9 @@ def _sibling_run(run_name: str, parent_run_id: str | None, tags: dict[str, str])
     """
     active = mlflow.active_run()
     if active is None:
-        with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, nested=parent_run_id is not None,
-                              tags=tags) as run:
+        with mlflow.start_run(
+            run_name=run_name, parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=tags
+        ) as run:
             yield run
         return
     all_tags = {**tags, **({MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {})}
@@ -206,8 +213,13 @@ def lineage_tags(settings: Settings, client: MlflowClient, run, upstream_run_id:
     """What the version came from: data, code, params, parent checkpoints and the runs that made them."""
     parent_run_id = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
     upstream = STAGE_NAMES[: STAGE_NAMES.index("register")]
-    runs = resolve_stage_runs(client, run.info.experiment_id, {s: stage_version(s, settings) for s in upstream},
-                              evaluate_run_id=upstream_run_id, parent_run_id=parent_run_id)
+    runs = resolve_stage_runs(
+        client,
+        run.info.experiment_id,
+        {s: stage_version(s, settings) for s in upstream},
+        evaluate_run_id=upstream_run_id,
+        parent_run_id=parent_run_id,
+    )
     # A stage run's parent_checkpoint tag is its actual init folder; otherwise its model inputs are its parents.
     parents = {}
     for stage in MODEL_STAGES:
@@ -229,8 +241,13 @@ def lineage_tags(settings: Settings, client: MlflowClient, run, upstream_run_id:
     }
 
 
-def register_pipeline(settings: Settings, client: MlflowClient, parent_run_id: str | None = None,
-                      upstream_run_id: str | None = None, params_path: str | None = None) -> dict:
+def register_pipeline(
+    settings: Settings,
+    client: MlflowClient,
+    parent_run_id: str | None = None,
+    upstream_run_id: str | None = None,
+    params_path: str | None = None,
+) -> dict:
     """Log ``paths.pipeline`` (and the LoRA, if any) as a pyfunc model version inside the register stage's
     run (the active one, or a new one nested in ``parent_run_id``): evaluation metrics on that run, gates,
     hashes and lineage as version tags. ``upstream_run_id`` is the evaluate run."""
@@ -256,8 +273,13 @@ def register_pipeline(settings: Settings, client: MlflowClient, parent_run_id: s
         artifacts = {"pipeline": str(settings.paths.pipeline)}
         if settings.paths.lora.exists():
             artifacts["lora"] = str(settings.paths.lora)
-        info = mlflow.pyfunc.log_model(name="pipeline", python_model=EasyAnimatePyfunc(), artifacts=artifacts,
-                                       registered_model_name=name, pip_requirements=["easyanimate"])
+        info = mlflow.pyfunc.log_model(
+            name="pipeline",
+            python_model=EasyAnimatePyfunc(),
+            artifacts=artifacts,
+            registered_model_name=name,
+            pip_requirements=["easyanimate"],
+        )
         version = str(info.registered_model_version)
         # The evaluation's metrics live on the model version's run (and its logged model).
         eval_metrics = {k.replace("/", "."): float(v) for k, v in metrics.items()}
@@ -277,13 +299,30 @@ def register_pipeline(settings: Settings, client: MlflowClient, parent_run_id: s
         uri = f"{REGISTRY_SCHEME}{name}/{version}"
         tag_version(client, uri, tags)
         mlflow.set_tags({"registered_model": uri})
-    return {"model": name, "version": version, "uri": uri, "run_id": run.info.run_id,
-            **{k: tags[k] for k in ("git_commit", "curated_data_dvc_hash", "params_hash", "pipeline_dvc_hash",
-                                    "lora_dvc_hash", "evaluate_run_id", "eval_passed", "data_gate_passed")}}
+    return {
+        "model": name,
+        "version": version,
+        "uri": uri,
+        "run_id": run.info.run_id,
+        **{
+            k: tags[k]
+            for k in (
+                "git_commit",
+                "curated_data_dvc_hash",
+                "params_hash",
+                "pipeline_dvc_hash",
+                "lora_dvc_hash",
+                "evaluate_run_id",
+                "eval_passed",
+                "data_gate_passed",
+            )
+        },
+    }
 
 
-def register_lora_adapter(settings: Settings, base_model_name: str, base_version: str,
-                          parent_run_id: str | None = None) -> dict | None:
+def register_lora_adapter(
+    settings: Settings, base_model_name: str, base_version: str, parent_run_id: str | None = None
+) -> dict | None:
     """Register ``paths.lora`` as a version of ``lora.registered_model`` (a pyfunc whose only artifact is
     the adapter folder; it loads ``models:/BASE/VERSION`` when served) and link the two by tags.
 
@@ -304,35 +343,56 @@ def register_lora_adapter(settings: Settings, base_model_name: str, base_version
     base_uri = f"{REGISTRY_SCHEME}{base_model_name}/{base_version}"
     adapter_bytes = sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file())
     with _sibling_run("register_lora", parent_run_id, {"lora_base_model": base_uri}):
-        model = EasyAnimatePyfunc(generate=settings.generate, max_text_tokens=settings.dit.model.max_text_tokens,
-                                  base_model_uri=base_uri, lora_scale=settings.lora.default_scale)
-        info = mlflow.pyfunc.log_model(name="lora", python_model=model, artifacts={"lora": str(adapter)},
-                                       registered_model_name=name, pip_requirements=["easyanimate"])
+        model = EasyAnimatePyfunc(
+            generate=settings.generate,
+            max_text_tokens=settings.dit.model.max_text_tokens,
+            base_model_uri=base_uri,
+            lora_scale=settings.lora.default_scale,
+        )
+        info = mlflow.pyfunc.log_model(
+            name="lora",
+            python_model=model,
+            artifacts={"lora": str(adapter)},
+            registered_model_name=name,
+            pip_requirements=["easyanimate"],
+        )
         mlflow.log_metric("lora.adapter_bytes", float(adapter_bytes))
     version = str(info.registered_model_version)
     uri = f"{REGISTRY_SCHEME}{name}/{version}"
     config = read_lora_config(adapter)  # what the file holds, whatever the settings say now
-    tag_version(client, uri, {
-        "base_model_name": base_model_name,
-        "base_model_version": str(base_version),
-        "base_model_uri": base_uri,
-        "lora_rank": str(config.get("r", "")),
-        "lora_alpha": str(config.get("lora_alpha", "")),
-        "lora_target_modules": ",".join(sorted(config.get("target_modules") or [])),
-        "lora_default_scale": str(settings.lora.default_scale),
-        "adapter_bytes": str(adapter_bytes),
-        "lora_dvc_hash": dvc_hash(adapter),
-    })
+    tag_version(
+        client,
+        uri,
+        {
+            "base_model_name": base_model_name,
+            "base_model_version": str(base_version),
+            "base_model_uri": base_uri,
+            "lora_rank": str(config.get("r", "")),
+            "lora_alpha": str(config.get("lora_alpha", "")),
+            "lora_target_modules": ",".join(sorted(config.get("target_modules") or [])),
+            "lora_default_scale": str(settings.lora.default_scale),
+            "adapter_bytes": str(adapter_bytes),
+            "lora_dvc_hash": dvc_hash(adapter),
+        },
+    )
     tag_version(client, base_uri, {"lora_model_uri": uri})
     champion = settings.registry.champion_alias
     alias = None
     if champion in client.get_model_version(base_model_name, str(base_version)).aliases:
         client.set_registered_model_alias(name, champion, version)
         alias = champion
-    print(f"registered LoRA adapter {uri} ({adapter_bytes / 1024:.0f} KiB) for {base_uri}"
-          + (f" as @{alias}" if alias else ""))
-    return {"model": name, "version": version, "uri": uri, "base_model_uri": base_uri, "alias": alias,
-            "adapter_bytes": adapter_bytes}
+    print(
+        f"registered LoRA adapter {uri} ({adapter_bytes / 1024:.0f} KiB) for {base_uri}"
+        + (f" as @{alias}" if alias else "")
+    )
+    return {
+        "model": name,
+        "version": version,
+        "uri": uri,
+        "base_model_uri": base_uri,
+        "alias": alias,
+        "adapter_bytes": adapter_bytes,
+    }
 
 
 # ------------------------------------------------------------------------------------------ promote
@@ -349,10 +409,16 @@ def candidate_from_version(client: MlflowClient, name: str, version: str) -> Can
     mv = client.get_model_version(name, version)
     tags = mv.tags
     metrics = _eval_metrics(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
-    return Candidate(str(version), metrics, _bool(tags.get("data_gate_passed")), _bool(tags.get("eval_passed")),
-                     tags.get("eval_reasons", "") if tags.get("eval_passed") != "True" else "",
-                     tags.get("eval_data_dvc_hash", ""), tags.get("eval_protocol_hash", ""),
-                     tags.get("eval_latent_space", ""))
+    return Candidate(
+        str(version),
+        metrics,
+        _bool(tags.get("data_gate_passed")),
+        _bool(tags.get("eval_passed")),
+        tags.get("eval_reasons", "") if tags.get("eval_passed") != "True" else "",
+        tags.get("eval_data_dvc_hash", ""),
+        tags.get("eval_protocol_hash", ""),
+        tags.get("eval_latent_space", ""),
+    )
 
 
 def current_yardstick(settings: Settings) -> tuple[str, str]:
@@ -361,13 +427,22 @@ def current_yardstick(settings: Settings) -> tuple[str, str]:
 
     manifest = settings.paths.curated / "manifest.parquet"
     if not manifest.exists():
-        raise FileNotFoundError(f"{manifest} is missing: run `dvc pull` (or the curate stage) so challenger and "
-                                f"champion are scored on the same held-out set (paths.curated)")
+        raise FileNotFoundError(
+            f"{manifest} is missing: run `dvc pull` (or the curate stage) so challenger and "
+            f"champion are scored on the same held-out set (paths.curated)"
+        )
     return dvc_hash(settings.paths.curated), evaluation_protocol_hash(settings)
 
 
-def on_yardstick(client: MlflowClient, settings: Settings, candidate: Candidate, yardstick: tuple[str, str],
-                 workdir: Path, as_challenger: bool, dry_run: bool) -> tuple[Candidate, str]:
+def on_yardstick(
+    client: MlflowClient,
+    settings: Settings,
+    candidate: Candidate,
+    yardstick: tuple[str, str],
+    workdir: Path,
+    as_challenger: bool,
+    dry_run: bool,
+) -> tuple[Candidate, str]:
     """The candidate's metrics on the current held-out set: stored, cached from an earlier re-evaluation,
     or re-evaluated now from its registered pipeline."""
     from easyanimate.evaluation.evaluate import evaluate_pipeline
@@ -382,29 +457,48 @@ def on_yardstick(client: MlflowClient, settings: Settings, candidate: Candidate,
         entry = json.loads(cached)
         source = f"cached re-evaluation on data {data}"
     else:
-        pipeline_dir = pipeline_folder(f"{REGISTRY_SCHEME}{name}/{candidate.version}",
-                                       dst=workdir / f"v{candidate.version}")
-        report = evaluate_pipeline(settings, pipeline_dir, settings.paths.curated, workdir / f"eval_v{candidate.version}")
-        entry = {"metrics": report.metrics, "passed": report.passed, "reasons": report.reasons,
-                 "latent_space": report.context.get("latent_space", "")}
+        pipeline_dir = pipeline_folder(
+            f"{REGISTRY_SCHEME}{name}/{candidate.version}", dst=workdir / f"v{candidate.version}"
+        )
+        report = evaluate_pipeline(
+            settings, pipeline_dir, settings.paths.curated, workdir / f"eval_v{candidate.version}"
+        )
+        entry = {
+            "metrics": report.metrics,
+            "passed": report.passed,
+            "reasons": report.reasons,
+            "latent_space": report.context.get("latent_space", ""),
+        }
         if not dry_run:
             client.set_model_version_tag(name, candidate.version, cache_key, json.dumps(entry)[:TAG_VALUE_LIMIT])
         source = f"re-evaluated on data {data} (stored metrics were on {candidate.data_hash or 'unknown data'})"
-    updated = replace(candidate, metrics=entry["metrics"], data_hash=data, protocol_hash=protocol,
-                      latent_space=entry.get("latent_space") or candidate.latent_space)
+    updated = replace(
+        candidate,
+        metrics=entry["metrics"],
+        data_hash=data,
+        protocol_hash=protocol,
+        latent_space=entry.get("latent_space") or candidate.latent_space,
+    )
     if as_challenger:  # its evaluation gate is the one on the current held-out set
         updated = replace(updated, eval_gate_passed=entry["passed"], eval_reasons="; ".join(entry["reasons"]))
     return updated, source
 
 
-def decision_tags(decision: Decision, challenger: Candidate, champion: Candidate | None, champion_source: str,
-                  champion_before: str | None, settings: Settings) -> dict[str, str]:
+def decision_tags(
+    decision: Decision,
+    challenger: Candidate,
+    champion: Candidate | None,
+    champion_source: str,
+    champion_before: str | None,
+    settings: Settings,
+) -> dict[str, str]:
     def dump(data) -> str:
         return json.dumps(data, sort_keys=True)[:TAG_VALUE_LIMIT]
 
     return {
-        "promotion": (settings.registry.champion_alias if decision.promote
-                      else f"rejected: {decision.reason}"[:TAG_VALUE_LIMIT]),
+        "promotion": (
+            settings.registry.champion_alias if decision.promote else f"rejected: {decision.reason}"[:TAG_VALUE_LIMIT]
+        ),
         "promotion.decision": decision.label,
         "promotion.reason": decision.reason[:TAG_VALUE_LIMIT],
         "promotion.champion_version": champion_before or "none",
@@ -420,8 +514,13 @@ def decision_tags(decision: Decision, challenger: Candidate, champion: Candidate
     }
 
 
-def promote_version(settings: Settings, version: str | None = None, dry_run: bool = False,
-                    client: MlflowClient | None = None, samples: list[str] | None = None) -> dict:
+def promote_version(
+    settings: Settings,
+    version: str | None = None,
+    dry_run: bool = False,
+    client: MlflowClient | None = None,
+    samples: list[str] | None = None,
+) -> dict:
     """Decide whether ``version`` (default: the latest) becomes champion; unless ``dry_run``, record it.
 
     The version gets the challenger alias; on promotion the champion alias moves to it and the old
@@ -435,16 +534,30 @@ def promote_version(settings: Settings, version: str | None = None, dry_run: boo
     version = str(version or latest_version(client, name))
     yardstick = current_yardstick(settings)
     with tempfile.TemporaryDirectory(prefix="easyanimate-promote-") as tmp:
-        challenger, challenger_source = on_yardstick(client, settings, candidate_from_version(client, name, version),
-                                                     yardstick, Path(tmp), as_challenger=True, dry_run=dry_run)
+        challenger, challenger_source = on_yardstick(
+            client,
+            settings,
+            candidate_from_version(client, name, version),
+            yardstick,
+            Path(tmp),
+            as_challenger=True,
+            dry_run=dry_run,
+        )
         current = champion_version(client, settings)
         champion, champion_source = None, "no champion"
         gates_passed = challenger.data_gate_passed is True and challenger.eval_gate_passed is True
         if current is not None and not gates_passed:
             champion_source = "not compared: the challenger failed a gate"
         elif current is not None and current != version:
-            champion, champion_source = on_yardstick(client, settings, candidate_from_version(client, name, current),
-                                                     yardstick, Path(tmp), as_challenger=False, dry_run=dry_run)
+            champion, champion_source = on_yardstick(
+                client,
+                settings,
+                candidate_from_version(client, name, current),
+                yardstick,
+                Path(tmp),
+                as_challenger=False,
+                dry_run=dry_run,
+            )
         elif current == version:
             champion, champion_source = challenger, challenger_source
     decision = decide(challenger, champion, reg.promotion)
@@ -459,11 +572,18 @@ def promote_version(settings: Settings, version: str | None = None, dry_run: boo
                 client.set_model_version_tag(name, current, "promotion.replaced_by", version)
     markdown = promotion_markdown(decision, challenger, champion, champion_source, samples or [], dry_run=dry_run)
     return {
-        "model": name, "version": version, "promoted": decision.promote, "decision": decision.label,
-        "reason": decision.reason, "champion_before": current,
-        "champion_after": version if decision.promote else current, "dry_run": dry_run,
-        "challenger_metrics": challenger.metrics, "champion_metrics": champion.metrics if champion else {},
-        "champion_metrics_source": champion_source, "challenger_metrics_source": challenger_source,
+        "model": name,
+        "version": version,
+        "promoted": decision.promote,
+        "decision": decision.label,
+        "reason": decision.reason,
+        "champion_before": current,
+        "champion_after": version if decision.promote else current,
+        "dry_run": dry_run,
+        "challenger_metrics": challenger.metrics,
+        "champion_metrics": champion.metrics if champion else {},
+        "champion_metrics_source": champion_source,
+        "challenger_metrics_source": challenger_source,
         "markdown": markdown,
     }
 
@@ -485,8 +605,12 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
         samples = sorted(str(p.resolve()) for p in (report_dir(settings, "evaluate") / "samples").glob("*.gif"))
         promotion = promote_version(settings, result["version"], client=client, samples=samples)
         promoted = promotion["promoted"]
-        result.update(alias=reg.champion_alias if promoted else reg.challenger_alias, promoted=promoted,
-                      promotion_reason=promotion["reason"], champion_version=promotion["champion_after"])
+        result.update(
+            alias=reg.champion_alias if promoted else reg.challenger_alias,
+            promoted=promoted,
+            promotion_reason=promotion["reason"],
+            champion_version=promotion["champion_after"],
+        )
         # The adapter's run sits beside this one, under the same pipeline run (as the other stages' runs).
         pipeline_run = client.get_run(run.info.run_id).data.tags.get(MLFLOW_PARENT_RUN_ID)
         result["lora_model"] = register_lora_adapter(settings, result["model"], result["version"], pipeline_run)
@@ -501,6 +625,11 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
             log_metrics(metrics)
             log_files(artifacts, "register")
     print(f"registered {result['model']} version {result['version']} as @{result['alias']}: {promotion['reason']}")
-    return StageResult(name="register", metrics=metrics, artifacts=artifacts, info=result,
-                       markdown={"promotion": (f"{result['uri']}: challenger vs champion", promotion["markdown"])},
-                       run_id=run.info.run_id)
+    return StageResult(
+        name="register",
+        metrics=metrics,
+        artifacts=artifacts,
+        info=result,
+        markdown={"promotion": (f"{result['uri']}: challenger vs champion", promotion["markdown"])},
+        run_id=run.info.run_id,
+    )

@@ -39,8 +39,6 @@ def make_scheduler(name: str, config: dict | None = None):
     return cls(**{k: v for k, v in cfg.items() if k in accepted})
 
 
-
-
 def train_scheduler_config(settings: Settings) -> dict:
     return {
         "num_train_timesteps": settings.dit.num_train_timesteps,

@@ -54,9 +54,13 @@ class StageResult:
 
     def summary(self) -> dict:
         """JSON-able return value of a stage task (what Prefect persists and the pipeline passes on)."""
-        return {"stage": self.name, "run_id": self.run_id, "metrics": self.metrics,
-                "outputs": {k: str(v) for k, v in self.outputs.items()},
-                **{k: v for k, v in self.info.items() if _jsonable(v)}}
+        return {
+            "stage": self.name,
+            "run_id": self.run_id,
+            "metrics": self.metrics,
+            "outputs": {k: str(v) for k, v in self.outputs.items()},
+            **{k: v for k, v in self.info.items() if _jsonable(v)},
+        }
 
 
 def _jsonable(value: Any) -> bool:

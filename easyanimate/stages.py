@@ -52,42 +52,117 @@ class StageSpec:
 
 _LOSS = (("loss.csv", "step", "loss"),)
 # Every DiT stage also renders its samples with the generation settings.
-_DIT = ("dit.num_train_timesteps", "dit.beta_schedule", "dit.caption_dropout", "dit.mixed_precision",
-        "weights.text_encoder", "generate")
+_DIT = (
+    "dit.num_train_timesteps",
+    "dit.beta_schedule",
+    "dit.caption_dropout",
+    "dit.mixed_precision",
+    "weights.text_encoder",
+    "generate",
+)
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("curate", "easyanimate.data.curate:run_stage", ("raw_videos", "captions"), ("curated",), cached=False,  # resumes per video instead
-              params=("curate", "weights.ocr", "weights.aesthetic_clip", "weights.aesthetic_head", "weights.captioner"),
-              report_outs=("gate_report",), description="scene split, filters, captions, manifest and quality gate"),
-    StageSpec("vae_stage1", "easyanimate.training.vae:run_stage1", ("curated",), ("vae_stage1",),
-              ("vae.model", "vae.stage1", "vae.eval", "vae.mixed_precision", "weights.lpips"),
-              trains=True, warm_start="vae", plots=_LOSS, description="Slice VAE: encoder + decoder"),
-    StageSpec("vae_stage2", "easyanimate.training.vae:run_stage2", ("curated", "vae_stage1"), ("vae_stage2",),
-              ("vae.stage2", "vae.eval", "vae.mixed_precision"),
-              trains=True, plots=_LOSS, description="Slice VAE: decoder only"),
-    StageSpec("dit_stage1", "easyanimate.training.dit:run_stage1", ("curated", "vae_stage2"), ("dit_stage1",),
-              ("dit.model", "dit.stage1", "vae.model.latent_channels", *_DIT), trains=True, warm_start="transformer", plots=_LOSS,
-              description="video DiT on images"),
-    StageSpec("dit_stage2", "easyanimate.training.dit:run_stage2", ("curated", "vae_stage2", "dit_stage1"),
-              ("dit_stage2",), ("dit.stage2", *_DIT), trains=True, plots=_LOSS, description="video DiT: motion"),
-    StageSpec("dit_stage3", "easyanimate.training.dit:run_stage3", ("curated", "vae_stage2", "dit_stage2"),
-              ("dit_stage3",), ("dit.stage3", *_DIT), trains=True, plots=_LOSS,
-              description="video DiT: full fine-tune on the best clips"),
-    StageSpec("lora", "easyanimate.training.lora:run_stage", ("curated", "vae_stage2", "dit_stage3"), ("lora",),
-              ("lora", "curate.video_extensions", "dit.num_train_timesteps", "dit.beta_schedule",
-               "weights.text_encoder"),
-              trains=True, plots=_LOSS, description="LoRA adapter on the DiT"),
-    StageSpec("evaluate", "easyanimate.evaluation.evaluate:run_stage", ("curated", "vae_stage2", "dit_stage3"),
-              ("pipeline",), ("evaluate", "generate", "dit.num_train_timesteps", "dit.beta_schedule",
-                              "dit.model.max_text_tokens", "vae.stage1.sample_fps", "weights.text_encoder"),
-              plots=(("val_loss.csv", "timestep", "val_loss"),),
-              report_outs=("samples", "report.md", "eval_context.json", "gate.json"),
-              description="assemble the pipeline, score it on held-out clips, decide its gate"),
-    StageSpec("register", "easyanimate.registry:run_stage", ("curated", "pipeline", "lora"), (), cached=False,
-              params=("registry", "lora.registered_model", "lora.default_scale"),
-              report_outs=("registered.json", "promotion.md"),
-              report_deps=("evaluate/gate.json", "evaluate/metrics.json", "evaluate/eval_context.json"),
-              description="register a model version, promote it only if it is better"),
+    StageSpec(
+        "curate",
+        "easyanimate.data.curate:run_stage",
+        ("raw_videos", "captions"),
+        ("curated",),
+        cached=False,  # resumes per video instead
+        params=("curate", "weights.ocr", "weights.aesthetic_clip", "weights.aesthetic_head", "weights.captioner"),
+        report_outs=("gate_report",),
+        description="scene split, filters, captions, manifest and quality gate",
+    ),
+    StageSpec(
+        "vae_stage1",
+        "easyanimate.training.vae:run_stage1",
+        ("curated",),
+        ("vae_stage1",),
+        ("vae.model", "vae.stage1", "vae.eval", "vae.mixed_precision", "weights.lpips"),
+        trains=True,
+        warm_start="vae",
+        plots=_LOSS,
+        description="Slice VAE: encoder + decoder",
+    ),
+    StageSpec(
+        "vae_stage2",
+        "easyanimate.training.vae:run_stage2",
+        ("curated", "vae_stage1"),
+        ("vae_stage2",),
+        ("vae.stage2", "vae.eval", "vae.mixed_precision"),
+        trains=True,
+        plots=_LOSS,
+        description="Slice VAE: decoder only",
+    ),
+    StageSpec(
+        "dit_stage1",
+        "easyanimate.training.dit:run_stage1",
+        ("curated", "vae_stage2"),
+        ("dit_stage1",),
+        ("dit.model", "dit.stage1", "vae.model.latent_channels", *_DIT),
+        trains=True,
+        warm_start="transformer",
+        plots=_LOSS,
+        description="video DiT on images",
+    ),
+    StageSpec(
+        "dit_stage2",
+        "easyanimate.training.dit:run_stage2",
+        ("curated", "vae_stage2", "dit_stage1"),
+        ("dit_stage2",),
+        ("dit.stage2", *_DIT),
+        trains=True,
+        plots=_LOSS,
+        description="video DiT: motion",
+    ),
+    StageSpec(
+        "dit_stage3",
+        "easyanimate.training.dit:run_stage3",
+        ("curated", "vae_stage2", "dit_stage2"),
+        ("dit_stage3",),
+        ("dit.stage3", *_DIT),
+        trains=True,
+        plots=_LOSS,
+        description="video DiT: full fine-tune on the best clips",
+    ),
+    StageSpec(
+        "lora",
+        "easyanimate.training.lora:run_stage",
+        ("curated", "vae_stage2", "dit_stage3"),
+        ("lora",),
+        ("lora", "curate.video_extensions", "dit.num_train_timesteps", "dit.beta_schedule", "weights.text_encoder"),
+        trains=True,
+        plots=_LOSS,
+        description="LoRA adapter on the DiT",
+    ),
+    StageSpec(
+        "evaluate",
+        "easyanimate.evaluation.evaluate:run_stage",
+        ("curated", "vae_stage2", "dit_stage3"),
+        ("pipeline",),
+        (
+            "evaluate",
+            "generate",
+            "dit.num_train_timesteps",
+            "dit.beta_schedule",
+            "dit.model.max_text_tokens",
+            "vae.stage1.sample_fps",
+            "weights.text_encoder",
+        ),
+        plots=(("val_loss.csv", "timestep", "val_loss"),),
+        report_outs=("samples", "report.md", "eval_context.json", "gate.json"),
+        description="assemble the pipeline, score it on held-out clips, decide its gate",
+    ),
+    StageSpec(
+        "register",
+        "easyanimate.registry:run_stage",
+        ("curated", "pipeline", "lora"),
+        (),
+        cached=False,
+        params=("registry", "lora.registered_model", "lora.default_scale"),
+        report_outs=("registered.json", "promotion.md"),
+        report_deps=("evaluate/gate.json", "evaluate/metrics.json", "evaluate/eval_context.json"),
+        description="register a model version, promote it only if it is better",
+    ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 TRAINED_STAGES = tuple(s.name for s in STAGES if s.trains)
@@ -258,8 +333,11 @@ def params_problems(name: str) -> list[str]:
     def covered(section: str, by: Iterable[str]) -> bool:
         return any(section == p or section.startswith(p + ".") or p.startswith(section + ".") for p in by)
 
-    problems = [f"{name}: its code reads settings.{s} but params does not declare it"
-                for s in sorted(read) if s.split(".")[0] not in _INPUT_SECTIONS and not covered(s, allowed)]
+    problems = [
+        f"{name}: its code reads settings.{s} but params does not declare it"
+        for s in sorted(read)
+        if s.split(".")[0] not in _INPUT_SECTIONS and not covered(s, allowed)
+    ]
     problems += [f"{name}: declares {p} but its code never reads it" for p in spec.params if not covered(p, read)]
     return problems
 
@@ -304,21 +382,26 @@ def checkpoint_dir(settings: Settings, name: str) -> Path:
 
 def outputs_present(name: str, settings: Settings) -> bool:
     spec = get_stage(name)
-    return all(getattr(settings.paths, out).exists() for out in spec.outs) and (
-        report_dir(settings, name) / "metrics.json"
-    ).exists()
+    return (
+        all(getattr(settings.paths, out).exists() for out in spec.outs)
+        and (report_dir(settings, name) / "metrics.json").exists()
+    )
 
 
 # ------------------------------------------------------------------------------- running a stage
 def make_context(name: str, settings: Settings, **overrides) -> StageContext:
     trains = get_stage(name).trains
-    defaults = {"report_dir": report_dir(settings, name), "warm_start": warm_start_dir(name, settings),
-                "checkpoint_dir": checkpoint_dir(settings, name) if trains else settings.paths.checkpoints / name}
+    defaults = {
+        "report_dir": report_dir(settings, name),
+        "warm_start": warm_start_dir(name, settings),
+        "checkpoint_dir": checkpoint_dir(settings, name) if trains else settings.paths.checkpoints / name,
+    }
     return StageContext(**{**defaults, **overrides})
 
 
-def run_stage(name: str, settings: Settings, ctx: StageContext | None = None, track: bool = False,
-              **context) -> StageResult:
+def run_stage(
+    name: str, settings: Settings, ctx: StageContext | None = None, track: bool = False, **context
+) -> StageResult:
     """Run one stage's entry; with ``track``, inside its own MLflow run (lineage tags, params, metrics,
     artifacts). Raises ``StageFailed`` after logging when the stage's own gate refused its result."""
     spec = get_stage(name)
@@ -407,6 +490,8 @@ def dvc_yaml(params_file: str | Path = "params.yaml", root: str | Path = ".") ->
         if spec.plots:
             stage["plots"] = [{f"{reports}/{f}": {"cache": False, "x": x, "y": y}} for f, x, y in spec.plots]
         stages[spec.name] = stage
-    header = ("# GENERATED by `easyanimate dvc-yaml` from easyanimate/stages.py: do not edit by hand.\n"
-              "# Each stage runs its Prefect flow through `easyanimate run STAGE` (inside the project venv).\n")
+    header = (
+        "# GENERATED by `easyanimate dvc-yaml` from easyanimate/stages.py: do not edit by hand.\n"
+        "# Each stage runs its Prefect flow through `easyanimate run STAGE` (inside the project venv).\n"
+    )
     return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)

@@ -72,14 +72,19 @@ class MLflowRunTracker(GeneralTracker):
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         now = int(time.time() * 1000)
-        metrics = [Metric(k.replace("/", "."), float(v), now, step or 0) for k, v in values.items()
-                   if isinstance(v, (int, float))]
+        metrics = [
+            Metric(k.replace("/", "."), float(v), now, step or 0)
+            for k, v in values.items()
+            if isinstance(v, (int, float))
+        ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
 
 @contextlib.contextmanager
-def stage_run(settings: Settings, name: str, parent_run_id: str | None = None, **tags: str) -> Iterator[mlflow.ActiveRun]:
+def stage_run(
+    settings: Settings, name: str, parent_run_id: str | None = None, **tags: str
+) -> Iterator[mlflow.ActiveRun]:
     """A (nested, when a parent is known) MLflow run for one stage, with lineage tags and params."""
     from easyanimate.lineage import git_commit, params_hash
     from easyanimate.stages import get_stage, stage_version
@@ -95,8 +100,9 @@ def stage_run(settings: Settings, name: str, parent_run_id: str | None = None, *
         "preset": settings.preset,
         **tags,
     }
-    with mlflow.start_run(run_name=name, parent_run_id=parent_run_id, nested=parent_run_id is not None,
-                          tags=all_tags) as run:
+    with mlflow.start_run(
+        run_name=name, parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=all_tags
+    ) as run:
         if spec.params:
             mlflow.log_params(flat_params(settings, spec.params))
         yield run

@@ -19,7 +19,9 @@ def atomic_file(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     writers that pick a format from the file name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix if suffix is None else suffix)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix if suffix is None else suffix
+    )
     os.close(fd)
     try:
         yield Path(tmp)

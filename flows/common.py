@@ -13,7 +13,15 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from easyanimate.config import CurateConfig, Settings, load_settings
 from easyanimate.stage_api import StageResult
-from easyanimate.stages import get_stage, make_context, outputs_present, raise_for_failure, run_stage, stage_inputs_hash, stage_version
+from easyanimate.stages import (
+    get_stage,
+    make_context,
+    outputs_present,
+    raise_for_failure,
+    run_stage,
+    stage_inputs_hash,
+    stage_version,
+)
 
 IO_ERRORS = (OSError, TimeoutError, ConnectionError)
 
@@ -51,8 +59,14 @@ def prefect_map(name: str, settings: Settings) -> Callable[..., list[Any]]:
     """``StageContext.map`` on Prefect: one retried task per item, on the configured task runner."""
 
     def map_items(fn: Callable[..., Any], items: list[Any], **shared: Any) -> list[Any]:
-        item_task = task(fn, name=f"{name}-item", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io,
-                         task_run_name=lambda: _item_run_name(name))
+        item_task = task(
+            fn,
+            name=f"{name}-item",
+            retries=2,
+            retry_delay_seconds=2,
+            retry_condition_fn=_retry_on_io,
+            task_run_name=lambda: _item_run_name(name),
+        )
 
         @flow(name=f"{name}-items", task_runner=make_task_runner(settings.curate))
         def fan_out() -> list[Any]:
@@ -78,14 +92,25 @@ def publish_artifacts(result: StageResult) -> None:
         create_markdown_artifact(key=key, markdown=markdown, description=description)
     for key, (uri, text) in result.links.items():
         create_link_artifact(key=key, link=uri, link_text=text)
-    rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
-                     for k, v in sorted(result.metrics.items()))
-    create_markdown_artifact(key=result.name.replace("_", "-"), description=f"{result.name} metrics",
-                             markdown=f"## {result.name}\n\n| metric | value |\n|---|---|\n{rows}\n")
+    rows = "\n".join(
+        f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
+        for k, v in sorted(result.metrics.items())
+    )
+    create_markdown_artifact(
+        key=result.name.replace("_", "-"),
+        description=f"{result.name} metrics",
+        markdown=f"## {result.name}\n\n| metric | value |\n|---|---|\n{rows}\n",
+    )
 
 
-def stage_task(name: str, settings: Settings, params_path: str | None = None, parent_run_id: str | None = None,
-               upstream_run_id: str | None = None, **context: Any) -> dict:
+def stage_task(
+    name: str,
+    settings: Settings,
+    params_path: str | None = None,
+    parent_run_id: str | None = None,
+    upstream_run_id: str | None = None,
+    **context: Any,
+) -> dict:
     """Run stage ``name`` as a Prefect task inside its own MLflow run.
 
     ``version`` follows the stage's derived code version and settings; a cached stage's key adds the content
@@ -94,8 +119,15 @@ def stage_task(name: str, settings: Settings, params_path: str | None = None, pa
     spec = get_stage(name)
 
     def body() -> dict:
-        ctx = make_context(name, settings, parent_run_id=parent_run_id, upstream_run_id=upstream_run_id,
-                           params_path=params_path, map=prefect_map(name, settings), **context)
+        ctx = make_context(
+            name,
+            settings,
+            parent_run_id=parent_run_id,
+            upstream_run_id=upstream_run_id,
+            params_path=params_path,
+            map=prefect_map(name, settings),
+            **context,
+        )
         result = run_stage(name, settings, ctx, track=True)
         publish_artifacts(result)
         raise_for_failure(result)
@@ -104,14 +136,26 @@ def stage_task(name: str, settings: Settings, params_path: str | None = None, pa
     options: dict = {}
     if spec.cached:
         key = f"{name}-{stage_inputs_hash(name, settings)}"
-        options = {"persist_result": True, "cache_key_fn": lambda *_: key,
-                   "refresh_cache": not outputs_present(name, settings)}
-    return task(body, name=name, version=stage_version(name, settings), retries=2, retry_delay_seconds=2,
-                retry_condition_fn=_retry_on_io, log_prints=True, **options)()
+        options = {
+            "persist_result": True,
+            "cache_key_fn": lambda *_: key,
+            "refresh_cache": not outputs_present(name, settings),
+        }
+    return task(
+        body,
+        name=name,
+        version=stage_version(name, settings),
+        retries=2,
+        retry_delay_seconds=2,
+        retry_condition_fn=_retry_on_io,
+        log_prints=True,
+        **options,
+    )()
 
 
 @flow(name="stage", log_prints=True, flow_run_name="{name}")
-def stage_flow(name: str, params_path: str | None = None, parent_run_id: str | None = None,
-               upstream_run_id: str | None = None) -> dict:
+def stage_flow(
+    name: str, params_path: str | None = None, parent_run_id: str | None = None, upstream_run_id: str | None = None
+) -> dict:
     """Any one stage of the DAG (``easyanimate run NAME``; each ``dvc.yaml`` stage calls it)."""
     return stage_task(name, settings_from(params_path), params_path, parent_run_id, upstream_run_id)

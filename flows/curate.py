@@ -11,8 +11,13 @@ from flows.common import settings_from, stage_task
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(params_path: str | None = None, input_dir: str | None = None, output_dir: str | None = None,
-                preset: str | None = None, parent_run_id: str | None = None) -> dict:
+def curate_flow(
+    params_path: str | None = None,
+    input_dir: str | None = None,
+    output_dir: str | None = None,
+    preset: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
     settings = settings_from(params_path, preset)
     paths = {}
     if input_dir:

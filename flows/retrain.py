@@ -33,8 +33,11 @@ def uncurated_videos(settings: Settings) -> list[str]:
     raw = settings.paths.raw_videos
     if not raw.is_dir():
         raise FileNotFoundError(f"raw video folder not found: {raw} (paths.raw_videos)")
-    return [v.name for v in list_videos(raw, settings)
-            if not record_path(settings.paths.curated, file_hash(v), settings).exists()]
+    return [
+        v.name
+        for v in list_videos(raw, settings)
+        if not record_path(settings.paths.curated, file_hash(v), settings).exists()
+    ]
 
 
 @task(name="download-champion", retries=2, retry_delay_seconds=5)
@@ -50,15 +53,19 @@ def warm_start_params(params_path: str | None, init_pipeline: Path, settings: Se
     params = params or {}
     params.setdefault("retrain", {})["init_pipeline"] = str(init_pipeline)
     out = settings.retrain.download_dir / f"params-{label}.yaml"
-    atomic_write_text(out, "# written by flows/retrain.py: " + str(source) + " + the champion as warm start\n"
-                      + yaml.safe_dump(params, sort_keys=False))
+    atomic_write_text(
+        out,
+        "# written by flows/retrain.py: "
+        + str(source)
+        + " + the champion as warm start\n"
+        + yaml.safe_dump(params, sort_keys=False),
+    )
     load_settings(out)  # fail here, not in the fifth subflow
     return str(out)
 
 
 @flow(name="retrain", log_prints=True)
-def retrain_flow(params_path: str | None = None, from_champion: bool | None = None,
-                 version_data: bool = True) -> dict:
+def retrain_flow(params_path: str | None = None, from_champion: bool | None = None, version_data: bool = True) -> dict:
     """The whole pipeline, incremental: new videos only, warm start from ``@champion`` when there is one."""
     from easyanimate.warm_start import warm_start_mismatches
 

@@ -27,16 +27,32 @@ def main(out_dir: str) -> None:
         g = step_generator(1000 + rank, step)
         x = torch.randn(2, 4, 2, 8, 8, generator=g)
         text = torch.randn(2, 4, 16, generator=g)
-        return torch.nn.functional.mse_loss(dit(x, torch.tensor([5, 500]), text).sample, torch.randn(x.shape, generator=g))
+        return torch.nn.functional.mse_loss(
+            dit(x, torch.tensor([5, 500]), text).sample, torch.randn(x.shape, generator=g)
+        )
 
-    result = train_loop(accelerator=accelerator, model=model, trainable=model.parameters(), cfg=cfg,
-                        compute_loss=compute_loss, ckpt_dir=Path(out_dir) / "ckpt", name="dist",
-                        show_progress=False)
+    result = train_loop(
+        accelerator=accelerator,
+        model=model,
+        trainable=model.parameters(),
+        cfg=cfg,
+        compute_loss=compute_loss,
+        ckpt_dir=Path(out_dir) / "ckpt",
+        name="dist",
+        show_progress=False,
+    )
     weights = accelerator.unwrap_model(model).state_dict()
     digest = hashlib.sha256(b"".join(weights[k].detach().numpy().tobytes() for k in sorted(weights))).hexdigest()
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
-        {"world": accelerator.num_processes, "backend": str(accelerator.state.backend), "digest": digest,
-         "losses": result.losses}))
+    (Path(out_dir) / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "world": accelerator.num_processes,
+                "backend": str(accelerator.state.backend),
+                "digest": digest,
+                "losses": result.losses,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

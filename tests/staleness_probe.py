@@ -39,6 +39,7 @@ def touch(file: Path):
         original = file.read_text()
         file.write_text(original + "\n# touched\n")
         return lambda: file.write_text(original)
+
     return edit
 
 
@@ -70,8 +71,11 @@ def param_edit(param: str):
     overrides = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
     preset_file = PRESETS_DIR / f"{settings.preset}.yaml"
     node = _get(effective, param.split("."))
-    leaves = [(param.split("."), node)] if not isinstance(node, dict) else [
-        (param.split(".") + [k], v) for k, v in node.items() if not isinstance(v, dict)]
+    leaves = (
+        [(param.split("."), node)]
+        if not isinstance(node, dict)
+        else [(param.split(".") + [k], v) for k, v in node.items() if not isinstance(v, dict)]
+    )
     for path, value in leaves:
         for new in _perturbations(value):
             patch: dict = {}
@@ -120,8 +124,7 @@ def main() -> None:
         report["modules"][spec.name] = stale_after(touch(entry), repo, base)
         for param in spec.params:
             leaf, target, edit = param_edit(param)
-            report["params"][f"{spec.name}:{param}"] = {"leaf": leaf, "file": target,
-                                                        **stale_after(edit, repo, base)}
+            report["params"][f"{spec.name}:{param}"] = {"leaf": leaf, "file": target, **stale_after(edit, repo, base)}
     for extra in sys.argv[1:]:
         report["files"][extra] = stale_after(touch(ROOT / extra), repo, base)
     report["stage_files"] = {s.name: [str(f.relative_to(ROOT)) for f in stage_files(s.name)] for s in STAGES}

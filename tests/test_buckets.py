@@ -57,8 +57,9 @@ def test_sixteen_by_nine_gets_a_wide_bucket_at_the_tiny_budget():
     assert (ph, pw) == (w, h)  # portrait mirrors landscape
 
 
-@pytest.mark.parametrize("clip", [(720, 1280), (1280, 720), (1000, 1000), (480, 640), (640, 480), (1080, 1620),
-                                  (500, 3000), (2000, 333)])
+@pytest.mark.parametrize(
+    "clip", [(720, 1280), (1280, 720), (1000, 1000), (480, 640), (640, 480), (1080, 1620), (500, 3000), (2000, 333)]
+)
 def test_each_clip_goes_to_the_nearest_ratio_and_is_not_distorted(clip):
     height, width = clip
     table = BucketTable.build(512, RATIOS, 32)
@@ -86,9 +87,14 @@ def test_frame_buckets():
     assert [frame_bucket(n, buckets) for n in (5, 8, 12, 16, 23, 24, 100)] == [None, 8, 8, 16, 16, 24, 24]
 
 
-@pytest.mark.parametrize("bad,culprit", [({"aspect_ratios": ["16-9"]}, "'16-9'"),
-                                         ({"aspect_ratios": ["0:1"]}, "'0:1'"),
-                                         ({"frame_buckets": [8, 10]}, "[10]")])
+@pytest.mark.parametrize(
+    "bad,culprit",
+    [
+        ({"aspect_ratios": ["16-9"]}, "'16-9'"),
+        ({"aspect_ratios": ["0:1"]}, "'0:1'"),
+        ({"frame_buckets": [8, 10]}, "[10]"),
+    ],
+)
 def test_bad_bucket_settings_name_the_key(bad, culprit):
     with pytest.raises(ConfigError) as err:
         load_settings(REPO / "params.yaml", overrides={"dit": {"stage2": {"buckets": bad}}})
@@ -132,10 +138,24 @@ def test_dit_takes_every_bucket_of_a_grid_reshaping_model():
 
 # ------------------------------------------------------------------------------------------ DiT training
 def _row(clip_id: str, path: str, width: int, height: int, duration: float, caption: str) -> dict:
-    return {"clip_id": clip_id, "source": "bigbuckbunny.mp4", "start_s": 0.0, "end_s": duration,
-            "duration_s": duration, "width": width, "height": height, "fps": 8.0, "aesthetic": 5.0,
-            "text_area": 0.0, "motion": 0.01, "caption": caption, "status": "accepted", "reject_reason": None,
-            "clip_path": f"clips/{path}", "split": "train"}
+    return {
+        "clip_id": clip_id,
+        "source": "bigbuckbunny.mp4",
+        "start_s": 0.0,
+        "end_s": duration,
+        "duration_s": duration,
+        "width": width,
+        "height": height,
+        "fps": 8.0,
+        "aesthetic": 5.0,
+        "text_area": 0.0,
+        "motion": 0.01,
+        "caption": caption,
+        "status": "accepted",
+        "reject_reason": None,
+        "clip_path": f"clips/{path}",
+        "split": "train",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +168,41 @@ def curated(tmp_path_factory) -> Path:
     write_video(frames[:24], root / "clips" / "wide.mp4", fps=8)
     write_video(frames[24:36], root / "clips" / "short.mp4", fps=8)
     write_video(np.ascontiguousarray(frames[:16, :, 55:105]), root / "clips" / "tall.mp4", fps=8)
-    write_manifest(to_frame([_row("wide", "wide.mp4", 160, 90, 3.0, "a rabbit wakes up"),
-                             _row("short", "short.mp4", 160, 90, 1.5, "a bird on a branch"),
-                             _row("tall", "tall.mp4", 50, 90, 2.0, "a tree in the meadow")]),
-                   root / "manifest.parquet")
+    write_manifest(
+        to_frame(
+            [
+                _row("wide", "wide.mp4", 160, 90, 3.0, "a rabbit wakes up"),
+                _row("short", "short.mp4", 160, 90, 1.5, "a bird on a branch"),
+                _row("tall", "tall.mp4", 50, 90, 2.0, "a tree in the meadow"),
+            ]
+        ),
+        root / "manifest.parquet",
+    )
     return root
 
 
 def _settings(tmp: Path, **stage1):
-    return load_settings(REPO / "params.yaml", preset="tiny", overrides={
-        "paths": {"cache": str(tmp / "cache")},
-        "dit": {"model": {"hidden_size": 32, "depth": 2, "num_heads": 2},
-                "stage1": {"steps": 4, "batch_size": 2, "resolution": 64, "num_frames": 16, "image_ratio": 0.5,
-                           "sample_fps": 8.0, "checkpoint_every": 2, "learning_rate": 1e-3, **stage1}}})
+    return load_settings(
+        REPO / "params.yaml",
+        preset="tiny",
+        overrides={
+            "paths": {"cache": str(tmp / "cache")},
+            "dit": {
+                "model": {"hidden_size": 32, "depth": 2, "num_heads": 2},
+                "stage1": {
+                    "steps": 4,
+                    "batch_size": 2,
+                    "resolution": 64,
+                    "num_frames": 16,
+                    "image_ratio": 0.5,
+                    "sample_fps": 8.0,
+                    "checkpoint_every": 2,
+                    "learning_rate": 1e-3,
+                    **stage1,
+                },
+            },
+        },
+    )
 
 
 @pytest.mark.slow
@@ -178,8 +220,9 @@ def test_dit_trains_on_non_square_buckets_reproducibly(curated, tmp_path, monkey
         return real_loss(model, scheduler, latents, *args, **kwargs)
 
     monkeypatch.setattr(dit_training, "diffusion_loss", recording_loss)
-    straight = dit_training.train_dit(settings, 1, curated, vae_dir, tmp_path / "a", tmp_path / "ca",
-                                      show_progress=False)
+    straight = dit_training.train_dit(
+        settings, 1, curated, vae_dir, tmp_path / "a", tmp_path / "ca", show_progress=False
+    )
     assert len(straight.losses) == 4 and np.isfinite(straight.losses).all()
     assert len(set(shapes)) > 1  # batches change bucket from step to step
     # 16:9 clips train at the wide bucket (latent 6x10 at 64 px), the 9:16 one at the tall bucket: never squares.
@@ -203,12 +246,17 @@ def test_dit_trains_on_non_square_buckets_reproducibly(curated, tmp_path, monkey
     assert other.dir == cache_dirs[0] and other.has({1}) and not other.has({16})
 
     # Batches are seeded per step: stopping after 2 steps and resuming gives the same weights, from the cache.
-    monkeypatch.setattr(dit_training, "load_clip_frames",
-                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded again despite the cache")))
-    dit_training.train_dit(_settings(tmp_path, steps=2), 1, curated, vae_dir, tmp_path / "b", tmp_path / "cb",
-                           show_progress=False)
-    resumed = dit_training.train_dit(settings, 1, curated, vae_dir, tmp_path / "b", tmp_path / "cb",
-                                     show_progress=False)
+    monkeypatch.setattr(
+        dit_training,
+        "load_clip_frames",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded again despite the cache")),
+    )
+    dit_training.train_dit(
+        _settings(tmp_path, steps=2), 1, curated, vae_dir, tmp_path / "b", tmp_path / "cb", show_progress=False
+    )
+    resumed = dit_training.train_dit(
+        settings, 1, curated, vae_dir, tmp_path / "b", tmp_path / "cb", show_progress=False
+    )
     assert resumed.resumed_from == 2 and resumed.losses == straight.losses
     a = load_file(str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "diffusion_pytorch_model.safetensors"))

@@ -56,8 +56,30 @@ def clean_clip(tmp_path_factory) -> Path:
     """A real 4 s one-shot clip at 640x360 (downscaled so every test stays fast)."""
     out = tmp_path_factory.mktemp("src") / "clean.mp4"
     subprocess.run(
-        [ffmpeg_exe(), "-v", "error", "-y", "-ss", "0.5", "-i", str(BUNNY), "-t", "4", "-an", "-vf", "scale=640:360",
-         "-c:v", "libx264", "-crf", "20", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(out)],
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-ss",
+            "0.5",
+            "-i",
+            str(BUNNY),
+            "-t",
+            "4",
+            "-an",
+            "-vf",
+            "scale=640:360",
+            "-c:v",
+            "libx264",
+            "-crf",
+            "20",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            str(out),
+        ],
         check=True,
     )
     return out
@@ -85,8 +107,19 @@ def dataset_dir(tmp_path_factory, clean_clip) -> Path:
     (d / "truncated.mp4").write_bytes(data[: len(data) // 3])
     (d / "notes.mp4").write_text("this is not a video\n" * 50)
     subprocess.run(
-        [ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac",
-         str(d / "audio_only.mp4")],
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=1",
+            "-c:a",
+            "aac",
+            str(d / "audio_only.mp4"),
+        ],
         check=True,
     )
     write_video(frames[:1], d / "one_frame.mp4", fps)
@@ -200,11 +233,15 @@ def test_no_caption_rejected(clean_clip, tmp_path):
 
 def test_sidecar_largest_overlap(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump([
-        {"file": "a.mp4", "start": 0, "end": 4, "caption": "first"},
-        {"file": "a.mp4", "start": 4, "end": 20, "caption": "second"},
-        {"file": "b.mp4", "caption": "whole"},
-    ]))
+    p.write_text(
+        yaml.safe_dump(
+            [
+                {"file": "a.mp4", "start": 0, "end": 4, "caption": "first"},
+                {"file": "a.mp4", "start": 4, "end": 20, "caption": "second"},
+                {"file": "b.mp4", "caption": "whole"},
+            ]
+        )
+    )
     cap = SidecarCaptioner.from_path(p)
     assert cap("a.mp4", 1.0, 5.0) == "first"
     assert cap("a.mp4", 3.0, 9.0) == "second"
@@ -277,8 +314,9 @@ def test_manifest_round_trip(curated, tmp_path):
 def test_split_deterministic_with_val(curated):
     df, _, settings = curated
     acc = df[df["status"] == "accepted"]
-    fake = [dict(r, clip_id=f"{r['clip_id']}-{i}", status="accepted") for i, r in
-            enumerate([acc.iloc[0].to_dict()] * 5)]
+    fake = [
+        dict(r, clip_id=f"{r['clip_id']}-{i}", status="accepted") for i, r in enumerate([acc.iloc[0].to_dict()] * 5)
+    ]
     m1, m2 = build_manifest(fake, settings), build_manifest(list(reversed(fake)), settings)
     assert (m1["split"] == "val").sum() >= 1
     assert dict(zip(m1["clip_id"], m1["split"])) == dict(zip(m2["clip_id"], m2["split"]))
@@ -290,8 +328,11 @@ def test_split_keeps_scenes_together(curated):
     """Pieces of one long scene are near-copies: they must all land on the same side of the split."""
     df, _, settings = curated
     row = df[df["status"] == "accepted"].iloc[0].to_dict()
-    fake = [dict(row, clip_id=f"c{scene}-{piece}", scene_id=f"s{scene}", status="accepted")
-            for scene in range(12) for piece in range(3)]
+    fake = [
+        dict(row, clip_id=f"c{scene}-{piece}", scene_id=f"s{scene}", status="accepted")
+        for scene in range(12)
+        for piece in range(3)
+    ]
     m = build_manifest(fake, settings)
     per_scene = m.groupby("scene_id")["split"].nunique()
     assert (per_scene == 1).all()
@@ -316,12 +357,20 @@ def test_gate_passes_on_good_manifest(curated, tmp_path):
 def test_gate_fails_on_poisoned_manifest(curated):
     df, out, settings = curated
     good = df[df["status"] == "accepted"].iloc[0]
-    bad = pd.concat([df, pd.DataFrame([
-        good.to_dict(),  # duplicate id
-        dict(good.to_dict(), clip_id="neg", duration_s=-1.0),
-        dict(good.to_dict(), clip_id="long", duration_s=60.0),
-        dict(good.to_dict(), clip_id="gone", clip_path="clips/gone.mp4"),
-    ]).astype(df.dtypes.to_dict())], ignore_index=True)
+    bad = pd.concat(
+        [
+            df,
+            pd.DataFrame(
+                [
+                    good.to_dict(),  # duplicate id
+                    dict(good.to_dict(), clip_id="neg", duration_s=-1.0),
+                    dict(good.to_dict(), clip_id="long", duration_s=60.0),
+                    dict(good.to_dict(), clip_id="gone", clip_path="clips/gone.mp4"),
+                ]
+            ).astype(df.dtypes.to_dict()),
+        ],
+        ignore_index=True,
+    )
     result = run_quality_gate(bad, settings, out / "poisoned", clips_dir=out)
     assert not result.success
     text = "\n".join(result.failures)
@@ -406,9 +455,13 @@ def two_videos(tmp_path_factory, clean_clip) -> Path:
 
 def _stage_settings(raw: Path, out: Path, **curate):
     # 1-1.5 s pieces: each 4 s video yields two scored clips; no OCR, it is not what these tests are about.
-    return load_settings("/nonexistent/params.yaml", overrides={
-        "paths": {"raw_videos": str(raw), "captions": str(raw / "captions.yaml"), "curated": str(out)},
-        "curate": {"scenes": {"min_duration_s": 1.0, "max_duration_s": 1.5}, "text": {"enabled": False}, **curate}})
+    return load_settings(
+        "/nonexistent/params.yaml",
+        overrides={
+            "paths": {"raw_videos": str(raw), "captions": str(raw / "captions.yaml"), "curated": str(out)},
+            "curate": {"scenes": {"min_duration_s": 1.0, "max_duration_s": 1.5}, "text": {"enabled": False}, **curate},
+        },
+    )
 
 
 def test_registered_filter_flows_into_manifest_gate_and_summaries(brightness, two_videos, tmp_path):
@@ -451,8 +504,13 @@ def test_filters_run_in_configured_order(brightness, clean_clip, tmp_path):
     dark = tmp_path / "dark.mp4"
     write_video((decode_frames(clean_clip) * 0.02).astype(np.uint8), dark, probe(clean_clip).fps)
     first = _stage_settings(tmp_path, tmp_path / "o1", filters=["brightness", "aesthetic", "motion"])
-    last = _stage_settings(tmp_path, tmp_path / "o2", filters=["aesthetic", "motion", "brightness"],
-                           aesthetic={"threshold": 0.0}, motion={"low": 0.0})
+    last = _stage_settings(
+        tmp_path,
+        tmp_path / "o2",
+        filters=["aesthetic", "motion", "brightness"],
+        aesthetic={"threshold": 0.0},
+        motion={"low": 0.0},
+    )
     (rec1, *_), (rec2, *_) = curate_video(dark, first, tmp_path / "o1"), curate_video(dark, last, tmp_path / "o2")
     assert rec1["reject_reason"] == rec2["reject_reason"] == "too_dark"
     assert rec1["aesthetic"] is None and rec1["motion"] is None and rec1["brightness"] < 0.05
@@ -475,7 +533,9 @@ def test_reordering_filters_keys_new_records_but_not_device():
     def with_curate(**kw):
         return settings.model_copy(update={"curate": settings.curate.model_copy(update=kw)})
 
-    assert settings_hash(with_curate(device="cpu")) == settings_hash(with_curate(device="cuda")) == settings_hash(settings)
+    assert (
+        settings_hash(with_curate(device="cpu")) == settings_hash(with_curate(device="cuda")) == settings_hash(settings)
+    )
     assert settings_hash(with_curate(filters=("motion", "aesthetic", "text"))) != settings_hash(settings)
 
 
@@ -526,8 +586,12 @@ def test_run_stage_outputs_reports_and_stable_hash(brightness, two_videos, tmp_p
     assert result.failure is None and result.info["accepted"] == 4
     assert SETUPS == ["cpu"]  # the thread runner's threads share one worker's filters
     assert result.outputs == {"curated": out} and result.info["manifest"] == str(out / "manifest.parquet")
-    assert set(result.artifacts) == {out / "manifest.parquet", out / "gate.json", reports / "gate_report",
-                                     out / "summary"}
+    assert set(result.artifacts) == {
+        out / "manifest.parquet",
+        out / "gate.json",
+        reports / "gate_report",
+        out / "summary",
+    }
     # The timestamped Data Docs live with the reports; the curated data holds only deterministic files.
     assert (reports / "gate_report" / "index.html").exists() and not (out / "gate_report").exists()
     assert (reports / "metrics.json").exists() and result.metrics["curate/gate_passed"] == 1.0
@@ -549,7 +613,9 @@ def test_run_stage_gate_failure(two_videos, tmp_path):
     from easyanimate.data.curate import run_stage
 
     settings = _stage_settings(two_videos, tmp_path / "curated")
-    settings = settings.model_copy(update={"paths": settings.paths.model_copy(update={"captions": tmp_path / "none.yaml"})})
+    settings = settings.model_copy(
+        update={"paths": settings.paths.model_copy(update={"captions": tmp_path / "none.yaml"})}
+    )
     ctx = StageContext(report_dir=tmp_path / "reports", checkpoint_dir=tmp_path / "ck", write_reports=False)
     result = run_stage(settings, ctx)
     assert result.failure.startswith("curated data failed the quality gate:\n- no accepted clips")

@@ -28,9 +28,32 @@ BUNNY = SAMPLES / "bigbuckbunny.mp4"
 
 def _cut(src: Path, dst: Path, start: float, duration: float, scale: str | None = None) -> Path:
     vf = ["-vf", f"scale={scale}"] if scale else []
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-ss", str(start), "-i", str(src), "-t", str(duration), "-an",
-                    *vf, "-c:v", "libx264", "-crf", "20", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(dst)],
-                   check=True)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-ss",
+            str(start),
+            "-i",
+            str(src),
+            "-t",
+            str(duration),
+            "-an",
+            *vf,
+            "-c:v",
+            "libx264",
+            "-crf",
+            "20",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            str(dst),
+        ],
+        check=True,
+    )
     return dst
 
 
@@ -39,8 +62,9 @@ def trailer_head(tmp_path_factory) -> Path:
     """The trailer's first 16 s at full 1280x720: cuts at 10.0 and 14.08 s."""
     out = tmp_path_factory.mktemp("head") / "trailer_head.mp4"
     # Stream copy from the first keyframe: no re-encode of 720p footage in a test.
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-i", str(TRAILER), "-t", "16", "-an", "-c:v", "copy", str(out)],
-                   check=True)
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-y", "-i", str(TRAILER), "-t", "16", "-an", "-c:v", "copy", str(out)], check=True
+    )
     return out
 
 
@@ -62,9 +86,14 @@ def test_single_pass_frames_equal_per_clip_decode(trailer_head):
     assert size == (640, 360)  # the resize path is exercised
     got: dict = {}
     samples = lambda plan: curator.samples(plan, info)  # noqa: E731
-    scenes, handed = scan_video(trailer_head, info, settings.curate.scenes, size,
-                                times_for=lambda plan: samples(plan).times(),
-                                on_clip=lambda plan, frames: got.setdefault((plan.start_s, plan.end_s), frames))
+    scenes, handed = scan_video(
+        trailer_head,
+        info,
+        settings.curate.scenes,
+        size,
+        times_for=lambda plan: samples(plan).times(),
+        on_clip=lambda plan, frames: got.setdefault((plan.start_s, plan.end_s), frames),
+    )
     assert [round(b, 2) for _, b in scenes[:-1]] == [10.0, 14.08]
     plans = [p for p in plan_clips(scenes, settings.curate.scenes) if p.ok]
     assert set(got) == {(p.start_s, p.end_s) for p in plans} and len(plans) >= 3
@@ -93,11 +122,19 @@ def test_single_pass_decodes_once(trailer_head, monkeypatch):
 def test_vlm_captions_batched_across_clips(trailer_head, tiny_blip):
     from easyanimate.data.captioners.vlm import VLMCaptioner
 
-    settings = load_settings("/nonexistent.yaml", overrides={
-        "weights": {"captioner": str(tiny_blip)},
-        "curate": {"scenes": SHORT_PIECES, "text": {"enabled": False}, "aesthetic": {"threshold": 0.0}, "motion": {"low": 0.0, "high": 1.0},
-                   "caption": {"captioner": "vlm", "num_frames": 2, "batch_size": 4, "max_new_tokens": 4}},
-    })
+    settings = load_settings(
+        "/nonexistent.yaml",
+        overrides={
+            "weights": {"captioner": str(tiny_blip)},
+            "curate": {
+                "scenes": SHORT_PIECES,
+                "text": {"enabled": False},
+                "aesthetic": {"threshold": 0.0},
+                "motion": {"low": 0.0, "high": 1.0},
+                "caption": {"captioner": "vlm", "num_frames": 2, "batch_size": 4, "max_new_tokens": 4},
+            },
+        },
+    )
     captioner = VLMCaptioner.from_settings(settings)
     captioner.setup("cpu")  # the curator's own setup() then finds the model loaded and keeps it
     batches = []
@@ -149,8 +186,12 @@ def small_raw(tmp_path_factory) -> Path:
 
 
 def _run(raw: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _RUNNER, str(raw), str(out), str(raw / "captions.yaml")],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", _RUNNER, str(raw), str(out), str(raw / "captions.yaml")],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.mark.slow
@@ -167,8 +208,10 @@ def test_kill_and_rerun_matches_uninterrupted(small_raw, tmp_path):
     done_before = {p.name for p in (killed / "records").glob("*.json")}
     assert 1 <= len(done_before) < 4
 
-    settings = load_settings("/nonexistent.yaml", overrides={
-        "paths": {"captions": str(small_raw / "captions.yaml")}, "curate": {"text": {"enabled": False}}})
+    settings = load_settings(
+        "/nonexistent.yaml",
+        overrides={"paths": {"captions": str(small_raw / "captions.yaml")}, "curate": {"text": {"enabled": False}}},
+    )
     resumed = curate_dataset(small_raw, killed, settings, progress=False)
     fresh = curate_dataset(small_raw, tmp_path / "fresh", settings, progress=False)
     assert resumed["clip_id"].is_unique and len(resumed) > 4
@@ -176,8 +219,9 @@ def test_kill_and_rerun_matches_uninterrupted(small_raw, tmp_path):
     pd.testing.assert_frame_equal(read_manifest(killed / "manifest.parquet"), fresh)
     # Records written before the kill were reused, not redone.
     assert done_before <= {p.name for p in (killed / "records").glob("*.json")}
-    assert set(resumed.loc[resumed["status"] == "accepted", "clip_path"]) == \
-        {f"clips/{p.name}" for p in (killed / "clips").glob("*.mp4")}
+    assert set(resumed.loc[resumed["status"] == "accepted", "clip_path"]) == {
+        f"clips/{p.name}" for p in (killed / "clips").glob("*.mp4")
+    }
     assert (resumed["status"] == "quarantined").sum() == 1
 
 
@@ -200,11 +244,19 @@ def test_curate_flow_on_local_dask_cluster(small_raw, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", server.api_url)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         params = tmp_path / "params.yaml"
-        params.write_text(yaml.safe_dump({
-            "preset": "tiny",
-            "paths": {"captions": str(raw / "captions.yaml")},
-            "curate": {"task_runner": "dask", "dask_address": cluster.scheduler_address, "text": {"enabled": False}},
-        }))
+        params.write_text(
+            yaml.safe_dump(
+                {
+                    "preset": "tiny",
+                    "paths": {"captions": str(raw / "captions.yaml")},
+                    "curate": {
+                        "task_runner": "dask",
+                        "dask_address": cluster.scheduler_address,
+                        "text": {"enabled": False},
+                    },
+                }
+            )
+        )
         settings = load_settings(params)
         assert pickle.loads(pickle.dumps(settings)) == settings  # crosses to the worker processes
         from flows.curate import curate_flow
@@ -217,5 +269,6 @@ def test_curate_flow_on_local_dask_cluster(small_raw, tmp_path, monkeypatch):
     assert set(df["source"]) == {"a_bunny.mp4", "d_broken.mp4"}
     assert df.loc[df["source"] == "d_broken.mp4", "reject_reason"].tolist() == ["not_a_video"]
     assert (tmp_path / "out" / "summary" / "reject_reasons.csv").exists()
-    pd.testing.assert_frame_equal(pd.DataFrame(pickle.loads(pickle.dumps(df.to_dict("records")))),
-                                  pd.DataFrame(df.to_dict("records")))
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(pickle.loads(pickle.dumps(df.to_dict("records")))), pd.DataFrame(df.to_dict("records"))
+    )

@@ -27,10 +27,24 @@ def tiny_laion(tmp_path_factory):
     d = tmp_path_factory.mktemp("laion")
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=100,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=24,
     )
     CLIPModel(cfg).save_pretrained(d / "clip")
@@ -43,8 +57,10 @@ def tiny_laion(tmp_path_factory):
 
 
 def _laion_settings(threshold: float = 4.0, **weights):
-    return load_settings("/nonexistent.yaml", overrides={
-        "weights": weights, "curate": {"aesthetic": {"scorer": "laion", "threshold": threshold}}})
+    return load_settings(
+        "/nonexistent.yaml",
+        overrides={"weights": weights, "curate": {"aesthetic": {"scorer": "laion", "threshold": threshold}}},
+    )
 
 
 def test_laion_scores_with_local_weights(tiny_laion, frames, monkeypatch):
@@ -90,11 +106,27 @@ def build_tiny_blip(d):
     proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
     torch.manual_seed(0)
     cfg = BlipConfig(
-        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, bos_token_id=5, pad_token_id=0, sep_token_id=3, eos_token_id=3,
-                         max_position_embeddings=64, encoder_hidden_size=32),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(words),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            bos_token_id=5,
+            pad_token_id=0,
+            sep_token_id=3,
+            eos_token_id=3,
+            max_position_embeddings=64,
+            encoder_hidden_size=32,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=32,
     )
     model = BlipForConditionalGeneration(cfg)
@@ -126,8 +158,10 @@ def test_vlm_from_settings_and_missing_weights(tiny_blip):
     from easyanimate.data.captioners import build_captioner
     from easyanimate.data.captioners.vlm import VLMCaptioner
 
-    s = load_settings("/nonexistent.yaml", overrides={"weights": {"captioner": str(tiny_blip)},
-                                                      "curate": {"caption": {"captioner": "vlm"}}})
+    s = load_settings(
+        "/nonexistent.yaml",
+        overrides={"weights": {"captioner": str(tiny_blip)}, "curate": {"caption": {"captioner": "vlm"}}},
+    )
     cap = build_captioner(s)
     # No process-wide cache: each Curator owns its captioner; the model loads in setup, once.
     assert isinstance(cap, VLMCaptioner) and cap is not build_captioner(s) and cap.model is None

@@ -37,8 +37,13 @@ STEPS = {
     "generate": {"num_inference_steps": 2},
 }
 # A short real video cut from the trailer, arriving after the first curation; captioned in the sidecar.
-NEW_VIDEO = {"name": "new_rabbit.mp4", "source": "trailer_bbb.mp4", "start": 25.0, "duration": 4.2,
-             "caption": "a big grey rabbit stretches in front of his burrow on a sunny hill"}
+NEW_VIDEO = {
+    "name": "new_rabbit.mp4",
+    "source": "trailer_bbb.mp4",
+    "start": 25.0,
+    "duration": 4.2,
+    "caption": "a big grey rabbit stretches in front of his burrow on a sunny hill",
+}
 
 
 def deploy_params() -> dict:
@@ -85,8 +90,9 @@ def kill_group(proc: subprocess.Popen | None) -> None:
 
 def run_bounded(args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """``subprocess.run`` that, on timeout, also stops grandchildren (Prefect's ephemeral server) holding the pipes."""
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -106,7 +112,9 @@ def curated_seed() -> Path:
     shutil.copy(REPO / "data" / "samples" / "bigbuckbunny.mp4", root / "raw")
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(deploy_params()))
-    settings = load_settings(params, overrides={"paths": {"captions": str(REPO / "data" / "samples" / "captions.yaml")}})
+    settings = load_settings(
+        params, overrides={"paths": {"captions": str(REPO / "data" / "samples" / "captions.yaml")}}
+    )
     curate_dataset(root / "raw", root / "curated", settings, progress=False)
     return root / "curated"
 
@@ -123,21 +131,43 @@ def make_deploy_project(root: Path, new_video: bool) -> Path:
         from imageio_ffmpeg import get_ffmpeg_exe
 
         samples = project / "data" / "samples"
-        subprocess.run([get_ffmpeg_exe(), "-v", "error", "-ss", str(NEW_VIDEO["start"]), "-i",
-                        str(REPO / "data" / "samples" / NEW_VIDEO["source"]),
-                        "-t", str(NEW_VIDEO["duration"]), "-an", "-c:v", "libx264", "-crf", "20",
-                        str(samples / NEW_VIDEO["name"])], check=True, timeout=120)
+        subprocess.run(
+            [
+                get_ffmpeg_exe(),
+                "-v",
+                "error",
+                "-ss",
+                str(NEW_VIDEO["start"]),
+                "-i",
+                str(REPO / "data" / "samples" / NEW_VIDEO["source"]),
+                "-t",
+                str(NEW_VIDEO["duration"]),
+                "-an",
+                "-c:v",
+                "libx264",
+                "-crf",
+                "20",
+                str(samples / NEW_VIDEO["name"]),
+            ],
+            check=True,
+            timeout=120,
+        )
         captions = yaml.safe_load((samples / "captions.yaml").read_text())
-        captions.append({"file": NEW_VIDEO["name"], "start": 0.0, "end": NEW_VIDEO["duration"],
-                         "caption": NEW_VIDEO["caption"]})
+        captions.append(
+            {"file": NEW_VIDEO["name"], "start": 0.0, "end": NEW_VIDEO["duration"], "caption": NEW_VIDEO["caption"]}
+        )
         (samples / "captions.yaml").write_text(yaml.safe_dump(captions, sort_keys=False))
     return project
 
 
 def project_env(project: Path, **extra: str) -> dict:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               EASYANIMATE_STATE_DIR=str(project / ".easyanimate"),
-               PREFECT_HOME=str(project / ".easyanimate" / "prefect"), **extra)
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        EASYANIMATE_STATE_DIR=str(project / ".easyanimate"),
+        PREFECT_HOME=str(project / ".easyanimate" / "prefect"),
+        **extra,
+    )
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "EASYANIMATE_PARAMS"):
         if key not in extra:
             env.pop(key, None)
@@ -173,8 +203,11 @@ def test_compose_reads_every_setting_from_the_environment():
     assert "--backend-store-uri postgresql://" in services["mlflow"]["command"]
     assert "--artifacts-destination s3://" in services["mlflow"]["command"]
     used = set(re.findall(r"\$\{(\w+)\}", compose))
-    defined = {line.split("=", 1)[0] for line in (REPO / "infra" / ".env.example").read_text().splitlines()
-               if line and not line.startswith("#")}
+    defined = {
+        line.split("=", 1)[0]
+        for line in (REPO / "infra" / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     assert used <= defined, f"not in infra/.env.example: {sorted(used - defined)}"
     assert not re.search(r"PASSWORD:\s*[^$\s]", compose), "passwords come from the environment only"
 
@@ -256,20 +289,30 @@ def test_retrain_deployment_runs_on_a_local_server_and_registers_a_version(tmp_p
         assert set(by_name) == {"weekly", "new-raw-data", "on-demand"}
         assert by_name["weekly"]["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
         assert by_name["weekly"]["pull_steps"] == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}]
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
+        ]
 
         run = run_bounded([str(BIN / "prefect"), "deployment", "run", "retrain/weekly"], project, env, timeout=120)
         assert run.returncode == 0, run.stdout + run.stderr
         flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", run.stdout).group(1)
 
-        worker = subprocess.Popen(["bash", "infra/prefect_local.sh", "worker", "--run-once"], cwd=project, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        worker = subprocess.Popen(
+            ["bash", "infra/prefect_local.sh", "worker", "--run-once"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         out, _ = worker.communicate(timeout=420)
         state = _api(api, f"/flow_runs/{flow_run_id}")["state"]
         assert state["type"] == "COMPLETED", f"{state}\n{out[-6000:]}"
     finally:
         kill_group(worker)
-        subprocess.run(["bash", "infra/prefect_local.sh", "down"], cwd=project, env=env, capture_output=True, timeout=60)
+        subprocess.run(
+            ["bash", "infra/prefect_local.sh", "down"], cwd=project, env=env, capture_output=True, timeout=60
+        )
 
     # Incremental curation: the new video got a record, the already-curated one was not redone.
     records = {p.name: p.stat().st_mtime_ns for p in (project / "data" / "curated" / "records").iterdir()}

@@ -22,8 +22,12 @@ FPS = 8
 SHOTS = [
     ("bigbuckbunny.mp4", 0.5, "train", "a big grey rabbit climbs out of his burrow and stretches in the morning sun"),
     ("trailer_bbb.mp4", 14.5, "train", "a big grey rabbit sleeps in a dark burrow under a grassy hill"),
-    ("trailer_bbb.mp4", 25.0, "train",
-     "a big grey rabbit crawls out of his burrow and stretches his arms up high on a sunny hill"),
+    (
+        "trailer_bbb.mp4",
+        25.0,
+        "train",
+        "a big grey rabbit crawls out of his burrow and stretches his arms up high on a sunny hill",
+    ),
     ("trailer_bbb.mp4", 44.0, "train", "a close-up of an angry rabbit face in dark sepia tones"),
     ("trailer_bbb.mp4", 38.0, "val", "a big grey rabbit leans against a tree trunk and looks up"),
 ]
@@ -34,15 +38,32 @@ def make_curated(root: Path) -> Path:
     (root / "clips").mkdir(parents=True)
     records = []
     for i, (source, start, split, caption) in enumerate(SHOTS):
-        frames = decode_frames(SAMPLES / source, times=list(np.arange(start, start + SECONDS, 1 / FPS)), size=(320, 180))
+        frames = decode_frames(
+            SAMPLES / source, times=list(np.arange(start, start + SECONDS, 1 / FPS)), size=(320, 180)
+        )
         path = f"clips/shot{i}.mp4"
         write_video(frames, root / path, fps=FPS)
-        records.append({
-            "clip_id": f"shot{i}", "scene_id": f"shot{i}", "source": source, "start_s": start,
-            "end_s": start + SECONDS, "duration_s": SECONDS, "width": 320, "height": 180, "fps": float(FPS),
-            "aesthetic": 8.0, "text_area": 0.0, "motion": 0.01, "caption": caption, "status": "accepted",
-            "reject_reason": None, "clip_path": path, "split": split,
-        })
+        records.append(
+            {
+                "clip_id": f"shot{i}",
+                "scene_id": f"shot{i}",
+                "source": source,
+                "start_s": start,
+                "end_s": start + SECONDS,
+                "duration_s": SECONDS,
+                "width": 320,
+                "height": 180,
+                "fps": float(FPS),
+                "aesthetic": 8.0,
+                "text_area": 0.0,
+                "motion": 0.01,
+                "caption": caption,
+                "status": "accepted",
+                "reject_reason": None,
+                "clip_path": path,
+                "split": split,
+            }
+        )
     write_manifest(to_frame(records), root / "manifest.parquet")
     (root / "gate.json").write_text(json.dumps({"success": True, "failures": []}))
     return root
@@ -54,18 +75,32 @@ def test_generated_videos_are_nearest_their_own_caption_clip(tmp_path, one_torch
     from easyanimate.stages import run_stage
 
     curated = make_curated(tmp_path / "data" / "curated")
-    paths = {name: str(tmp_path / sub) for name, sub in {
-        "curated": curated, "vae_stage1": "models/vae/stage1", "vae_stage2": "models/vae/stage2",
-        "dit_stage1": "models/dit/stage1", "dit_stage2": "models/dit/stage2", "dit_stage3": "models/dit/stage3",
-        "lora": "models/lora", "pipeline": "models/pipeline", "reports": "reports",
-        "checkpoints": ".easyanimate/checkpoints", "cache": ".easyanimate/cache"}.items()}
+    paths = {
+        name: str(tmp_path / sub)
+        for name, sub in {
+            "curated": curated,
+            "vae_stage1": "models/vae/stage1",
+            "vae_stage2": "models/vae/stage2",
+            "dit_stage1": "models/dit/stage1",
+            "dit_stage2": "models/dit/stage2",
+            "dit_stage3": "models/dit/stage3",
+            "lora": "models/lora",
+            "pipeline": "models/pipeline",
+            "reports": "reports",
+            "checkpoints": ".easyanimate/checkpoints",
+            "cache": ".easyanimate/cache",
+        }.items()
+    }
     # The VAE only has to give a latent space (its own quality is benchmarks/vae_quality.py's business): a few
     # steps. The DiT runs with the tiny preset's real step counts and the evaluate stage's real check.
-    settings = load_settings(REPO / "params.yaml", overrides={
-        "paths": paths,
-        "vae": {"stage1": {"steps": 10}, "stage2": {"steps": 5}},
-        "evaluate": {"min_vae_psnr": 0.0, "max_val_loss": 100.0, "max_flicker": 1.0, "min_caption_retrieval": 0.0},
-    })
+    settings = load_settings(
+        REPO / "params.yaml",
+        overrides={
+            "paths": paths,
+            "vae": {"stage1": {"steps": 10}, "stage2": {"steps": 5}},
+            "evaluate": {"min_vae_psnr": 0.0, "max_val_loss": 100.0, "max_flicker": 1.0, "min_caption_retrieval": 0.0},
+        },
+    )
     assert settings.dit.stage1.steps >= 1000, "this test is about the preset's real DiT training"
     for stage in (1, 2):
         run_stage(f"vae_stage{stage}", settings, show_progress=False)

@@ -39,8 +39,9 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               EASYANIMATE_STATE_DIR=str(cwd / ".easyanimate"))
+    env = dict(
+        os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", EASYANIMATE_STATE_DIR=str(cwd / ".easyanimate")
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -63,8 +64,11 @@ def make_project(root: Path, params: dict, videos: list[str], captions: bool = T
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     # This project overrides more sections than the repo's params.yaml: generate its own dvc.yaml, as a user does.
     subprocess.run([str(BIN / "easyanimate"), "dvc-yaml"], cwd=root, check=True, capture_output=True)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"],
+    ):
         subprocess.run(cmd, cwd=root, check=True)
     return root
 
@@ -123,8 +127,17 @@ def test_mlflow_runs_registry_and_lineage(demo):
     parents = [r for r in runs if r.info.run_name == "pipeline"]
     assert len(parents) == 1
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) >= {"curate", "vae_stage1", "vae_stage2", "dit_stage1", "dit_stage2", "dit_stage3",
-                             "lora", "evaluate", "register"}
+    assert set(children) >= {
+        "curate",
+        "vae_stage1",
+        "vae_stage2",
+        "dit_stage1",
+        "dit_stage2",
+        "dit_stage3",
+        "lora",
+        "evaluate",
+        "register",
+    }
     dit1 = children["dit_stage1"]
     assert "dit_stage1.loss" in dit1.data.metrics
     history = client.get_metric_history(dit1.info.run_id, "dit_stage1.loss")
@@ -136,8 +149,20 @@ def test_mlflow_runs_registry_and_lineage(demo):
 def test_served_model_generates_from_registry(demo):
     project, _, _ = demo
     out = project / "from_registry.mp4"
-    proc = run([str(BIN / "easyanimate"), "generate", "a rabbit on a hill", "--out", str(out),
-                "--model", "models:/easyanimate@champion", "--steps", "3"], project)
+    proc = run(
+        [
+            str(BIN / "easyanimate"),
+            "generate",
+            "a rabbit on a hill",
+            "--out",
+            str(out),
+            "--model",
+            "models:/easyanimate@champion",
+            "--steps",
+            "3",
+        ],
+        project,
+    )
     assert proc.returncode == 0
     from easyanimate.data.video_io import probe
 
@@ -197,7 +222,9 @@ def test_cli_curate_writes_manifest_and_clips(tmp_path):
     (tmp_path / "data" / "samples").mkdir(parents=True)  # paths.captions is relative to the working folder
     shutil.copy(REPO / "data" / "samples" / "captions.yaml", tmp_path / "data" / "samples" / "captions.yaml")
     out = tmp_path / "out"
-    proc = run([str(BIN / "easyanimate"), "curate", str(raw), str(out), "--params", str(REPO / "params.yaml")], tmp_path)
+    proc = run(
+        [str(BIN / "easyanimate"), "curate", str(raw), str(out), "--params", str(REPO / "params.yaml")], tmp_path
+    )
     assert proc.returncode == 0
     import pandas as pd
 

@@ -33,12 +33,26 @@ def make_curated(root: Path, splits: list[str]) -> Path:
         frames = decode_frames(SAMPLES / "bigbuckbunny.mp4", times=times, size=(112, 64))
         clip_path = f"clips/clip_{i}.mp4"
         write_video(frames, root / clip_path, fps=FPS)
-        records.append({
-            "clip_id": f"clip{i:02d}", "source": "bigbuckbunny.mp4", "start_s": start, "end_s": start + CLIP_SECONDS,
-            "duration_s": CLIP_SECONDS, "width": 112, "height": 64, "fps": float(FPS), "aesthetic": 5.0,
-            "text_area": 0.0, "motion": 1.0, "caption": f"a big grey rabbit, shot {i}", "status": "accepted",
-            "reject_reason": None, "clip_path": clip_path, "split": split,
-        })
+        records.append(
+            {
+                "clip_id": f"clip{i:02d}",
+                "source": "bigbuckbunny.mp4",
+                "start_s": start,
+                "end_s": start + CLIP_SECONDS,
+                "duration_s": CLIP_SECONDS,
+                "width": 112,
+                "height": 64,
+                "fps": float(FPS),
+                "aesthetic": 5.0,
+                "text_area": 0.0,
+                "motion": 1.0,
+                "caption": f"a big grey rabbit, shot {i}",
+                "status": "accepted",
+                "reject_reason": None,
+                "clip_path": clip_path,
+                "split": split,
+            }
+        )
     write_manifest(to_frame(records), root / "manifest.parquet")
     (root / "gate.json").write_text(json.dumps({"success": True, "failures": []}))
     return root
@@ -47,16 +61,33 @@ def make_curated(root: Path, splits: list[str]) -> Path:
 def tiny_settings(root: Path, curated: Path, **overrides) -> Settings:
     """Repo params with every path under ``root``, models small enough for seconds on a CPU."""
     base = {
-        "paths": {name: str(root / sub) for name, sub in {
-            "curated": curated, "vae_stage1": "models/vae/stage1", "vae_stage2": "models/vae/stage2",
-            "dit_stage1": "models/dit/stage1", "dit_stage2": "models/dit/stage2", "dit_stage3": "models/dit/stage3",
-            "lora": "models/lora", "pipeline": "models/pipeline", "reports": "reports",
-            "checkpoints": ".easyanimate/checkpoints", "cache": ".easyanimate/cache"}.items()},
-        "vae": {"model": {"block_out_channels": [8, 8, 8, 8], "norm_groups": 4},
-                "stage1": {"steps": 1, "batch_size": 1}, "stage2": {"steps": 1, "batch_size": 1}},
-        "dit": {"model": {"hidden_size": 32, "depth": 2, "num_heads": 2},
-                "stage1": {"steps": 1, "batch_size": 2}, "stage2": {"steps": 1, "batch_size": 2},
-                "stage3": {"steps": 1, "batch_size": 2}},
+        "paths": {
+            name: str(root / sub)
+            for name, sub in {
+                "curated": curated,
+                "vae_stage1": "models/vae/stage1",
+                "vae_stage2": "models/vae/stage2",
+                "dit_stage1": "models/dit/stage1",
+                "dit_stage2": "models/dit/stage2",
+                "dit_stage3": "models/dit/stage3",
+                "lora": "models/lora",
+                "pipeline": "models/pipeline",
+                "reports": "reports",
+                "checkpoints": ".easyanimate/checkpoints",
+                "cache": ".easyanimate/cache",
+            }.items()
+        },
+        "vae": {
+            "model": {"block_out_channels": [8, 8, 8, 8], "norm_groups": 4},
+            "stage1": {"steps": 1, "batch_size": 1},
+            "stage2": {"steps": 1, "batch_size": 1},
+        },
+        "dit": {
+            "model": {"hidden_size": 32, "depth": 2, "num_heads": 2},
+            "stage1": {"steps": 1, "batch_size": 2},
+            "stage2": {"steps": 1, "batch_size": 2},
+            "stage3": {"steps": 1, "batch_size": 2},
+        },
         "lora": {"train": {"steps": 1, "batch_size": 2}},
         "generate": {"num_inference_steps": 2},
         # Loose gates: the models are untrained; promotion tests compare them with each other.
@@ -127,9 +158,11 @@ def test_training_datasets_never_include_val_clips(project, monkeypatch):
     save_tiny_models(settings)  # the frozen VAE / DiT that DiT stage 1 and LoRA start from
     # One call per training function (the other stages of each share its loading code).
     # The VAE loads through its helper (which also decodes the augmentation scales).
-    for trainer, run in ((("train_vae", "_training_clips"), lambda: run_stage("vae_stage1", settings, show_progress=False)),
-                         (("train_dit",), lambda: run_stage("dit_stage1", settings, show_progress=False)),
-                         (("train_lora",), lambda: run_stage("lora", settings, show_progress=False))):
+    for trainer, run in (
+        (("train_vae", "_training_clips"), lambda: run_stage("vae_stage1", settings, show_progress=False)),
+        (("train_dit",), lambda: run_stage("dit_stage1", settings, show_progress=False)),
+        (("train_lora",), lambda: run_stage("lora", settings, show_progress=False)),
+    ):
         loads.clear()
         run()
         training = [(split, ids) for caller, split, ids in loads if caller in trainer]
@@ -180,8 +213,13 @@ def test_evaluate_stage_writes_metrics_plots_report_and_context(project):
     pipe = EasyAnimatePipeline.from_pretrained(settings.paths.pipeline)
     from easyanimate.evaluation.evaluate import generation_geometry
 
-    clips = load_clip_frames(settings.paths.curated, "val", settings.generate.height, settings.vae.stage1.sample_fps,
-                             buckets=generation_geometry(settings))
+    clips = load_clip_frames(
+        settings.paths.curated,
+        "val",
+        settings.generate.height,
+        settings.vae.stage1.sample_fps,
+        buckets=generation_geometry(settings),
+    )
     assert tuple(clips[0].frames.shape[-2:]) == (settings.generate.height, settings.generate.width)
     again = dit_validation_loss(settings, pipe, clips, settings.generate.num_frames)
     assert again["eval/val_loss"] == pytest.approx(metrics["eval/val_loss"], rel=1e-6)
@@ -202,14 +240,15 @@ def test_caption_retrieval_scores_own_clip_nearest():
     """A caption hits only when its own clip(s) are strictly nearer than every other clip."""
     from easyanimate.evaluation.retrieval import RetrievalResult
 
-    distances = np.array([
-        [0.1, 0.5, 0.6, 0.7],  # own clip 0 nearest: hit
-        [0.4, 0.3, 0.2, 0.9],  # own clip 1, clip 2 nearer: miss
-        [0.5, 0.5, 0.9, 0.2],  # shared caption of clips 2 and 3: the nearer of them (3) wins: hit
-        [0.3, 0.3, 0.9, 0.9],  # tie with another clip is not a hit
-    ])
-    result = RetrievalResult(["a", "b", "c", "d"], ["k0", "k1", "k2", "k3"], distances,
-                             [{0}, {1}, {2, 3}, {0}])
+    distances = np.array(
+        [
+            [0.1, 0.5, 0.6, 0.7],  # own clip 0 nearest: hit
+            [0.4, 0.3, 0.2, 0.9],  # own clip 1, clip 2 nearer: miss
+            [0.5, 0.5, 0.9, 0.2],  # shared caption of clips 2 and 3: the nearer of them (3) wins: hit
+            [0.3, 0.3, 0.9, 0.9],  # tie with another clip is not a hit
+        ]
+    )
+    result = RetrievalResult(["a", "b", "c", "d"], ["k0", "k1", "k2", "k3"], distances, [{0}, {1}, {2, 3}, {0}])
     assert result.hits == [True, False, True, False]
     assert result.rate == 0.5
     assert result.table()[1]["nearest_clip"] == "k2"

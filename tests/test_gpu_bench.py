@@ -15,7 +15,6 @@ import torch
 
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.vae import SliceVAE
-
 from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu_bench.py")
@@ -41,13 +40,25 @@ def test_bench_builds_the_dit_and_geometry_that_training_uses():
 @pytest.mark.parametrize("motion_module,long_skips,grid_reshape", [(True, True, 2), (False, False, 1)])
 def test_analytic_flops_equal_flop_counter(one_torch_thread, motion_module, long_skips, grid_reshape):
     torch.manual_seed(0)
-    model = EasyAnimateTransformer3DModel(in_channels=4, patch_size=2, hidden_size=32, depth=4, num_heads=2,
-                                          text_embed_dim=24, motion_module=motion_module, grid_reshape=grid_reshape,
-                                          long_skips=long_skips, base_latent_size=8)
+    model = EasyAnimateTransformer3DModel(
+        in_channels=4,
+        patch_size=2,
+        hidden_size=32,
+        depth=4,
+        num_heads=2,
+        text_embed_dim=24,
+        motion_module=motion_module,
+        grid_reshape=grid_reshape,
+        long_skips=long_skips,
+        base_latent_size=8,
+    )
     batch, frames, side, text_tokens = 2, 3, 8, 5
-    inputs = {"hidden_states": torch.randn(batch, 4, frames, side, side), "timestep": torch.tensor([3, 700]),
-              "encoder_hidden_states": torch.randn(batch, text_tokens, 24),
-              "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    inputs = {
+        "hidden_states": torch.randn(batch, 4, frames, side, side),
+        "timestep": torch.tensor([3, 700]),
+        "encoder_hidden_states": torch.randn(batch, text_tokens, 24),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+    }
     forward = gpu_bench.analytic_forward_flops(model, batch, frames, side, side, text_tokens)
     assert ("motion_module" in forward) == motion_module and ("long_skips" in forward) == long_skips
 
@@ -59,8 +70,9 @@ def test_analytic_flops_equal_flop_counter(one_torch_thread, motion_module, long
 
 def test_dit_part_runs_tiny_on_cpu(one_torch_thread, tmp_path):
     out = tmp_path / "results.jsonl"
-    result = gpu_bench.main(["dit", "--device", "cpu", "--tiny", "--warmup", "0", "--steps", "1",
-                             "--peak-tflops", "1", "--json", str(out)])
+    result = gpu_bench.main(
+        ["dit", "--device", "cpu", "--tiny", "--warmup", "0", "--steps", "1", "--peak-tflops", "1", "--json", str(out)]
+    )
     settings = gpu_bench.paper_settings(tiny=True)
     # 64 px / 16 frames through the paper VAE's geometry: 8x spatial, causal 4x temporal.
     assert result["latent_shape"] == [4, SliceVAE.latent_num_frames(16), 8, 8] == [4, 4, 8, 8]
@@ -100,8 +112,9 @@ def test_vae_part_reports_sliced_unsliced_and_oom(tmp_path, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script would run the real benchmark")
 def test_gpu_sh_exits_with_a_clear_message_without_cuda(tmp_path):
     env = {**os.environ, "GPU_BENCH_PYTHON": sys.executable, "GPU_BENCH_OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "ERROR: no CUDA device visible" in proc.stdout
     assert (tmp_path / "gpu_bench.log").read_text() == proc.stdout

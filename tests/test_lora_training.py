@@ -81,22 +81,46 @@ def base(tmp_path_factory):
     with torch.no_grad():
         rendered = vae.decode(vae.encode(flat(RED)).latent_dist.mode()).sample
     target = ((rendered / 2 + 0.5).clamp(0, 1) * 255).mean(dim=(0, 2, 3, 4))
-    pipe = EasyAnimatePipeline(vae=vae, transformer=dit, text_encoder=encoder, tokenizer=tokenizer,
-                               scheduler=make_scheduler("dpm++", SCHED_CFG))
+    pipe = EasyAnimatePipeline(
+        vae=vae,
+        transformer=dit,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        scheduler=make_scheduler("dpm++", SCHED_CFG),
+    )
     pipe.set_progress_bar_config(disable=True)
     return {"root": root, "pipe": pipe, "target": target}
 
 
 def style_settings(data_dir, **train):
-    train = {"steps": 40, "batch_size": 4, "learning_rate": 5e-3, "resolution": SIZE, "num_frames": 1,
-             "image_ratio": 1.0, "checkpoint_every": 1000, **train}
+    train = {
+        "steps": 40,
+        "batch_size": 4,
+        "learning_rate": 5e-3,
+        "resolution": SIZE,
+        "num_frames": 1,
+        "image_ratio": 1.0,
+        "checkpoint_every": 1000,
+        **train,
+    }
     return load_settings(overrides={"lora": {"rank": 8, "alpha": 8, "data_dir": str(data_dir), "train": train}})
 
 
 def colour_distance(pipe, target, prompt=STYLE_CAPTION) -> float:
     """Mean distance (0-255 RGB) between each generated video's mean colour and the style colour."""
-    video = pipe([prompt] * 4, num_frames=1, height=SIZE, width=SIZE, num_inference_steps=10, guidance_scale=1.0,
-                 generator=torch.Generator().manual_seed(0), output_type="pt").frames * 255
+    video = (
+        pipe(
+            [prompt] * 4,
+            num_frames=1,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=10,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).frames
+        * 255
+    )
     return float((video.mean(dim=(2, 3, 4)) - target).norm(dim=1).mean())
 
 
@@ -109,8 +133,15 @@ def style_adapter(base):
         Image.new("RGB", (w, h), RED).save(style / f"red_{i}.png")
         (style / f"red_{i}.txt").write_text(STYLE_CAPTION)
     (style / "notes.md").write_text("not an image: ignored")
-    result = train_lora(style_settings(style), root / "unused_curated", root / "vae", root / "dit",
-                        root / "lora", root / "ckpt_style", show_progress=False)
+    result = train_lora(
+        style_settings(style),
+        root / "unused_curated",
+        root / "vae",
+        root / "dit",
+        root / "lora",
+        root / "ckpt_style",
+        show_progress=False,
+    )
     return root / "lora", result
 
 
@@ -149,7 +180,10 @@ def test_lora_trains_on_a_video_folder(base, tmp_path):
     Image.new("RGB", (32, 32), (0, 0, 200)).save(folder / "still.png")  # images and videos mix
 
     items = load_style_folder(folder, SIZE, 8.0, (".mp4",))
-    assert {c.clip_id: tuple(c.frames.shape) for c in items} == {"fade": (16, 3, SIZE, SIZE), "still": (1, 3, SIZE, SIZE)}
+    assert {c.clip_id: tuple(c.frames.shape) for c in items} == {
+        "fade": (16, 3, SIZE, SIZE),
+        "still": (1, 3, SIZE, SIZE),
+    }
     assert items[0].caption == "a blue fade in" and items[1].caption == ""
 
     settings = style_settings(folder, steps=4, num_frames=8, image_ratio=0.5, batch_size=2)
@@ -161,8 +195,15 @@ def test_lora_trains_on_a_video_folder(base, tmp_path):
     assert tuple(videos.latents[0].shape) == (4, 2, 4, 4)
 
     root = base["root"]
-    result = train_lora(settings, root / "unused", root / "vae", root / "dit", tmp_path / "adapter",
-                        tmp_path / "ckpt", show_progress=False)
+    result = train_lora(
+        settings,
+        root / "unused",
+        root / "vae",
+        root / "dit",
+        tmp_path / "adapter",
+        tmp_path / "ckpt",
+        show_progress=False,
+    )
     assert len(result.losses) == 4 and np.isfinite(result.losses).all()
     assert (tmp_path / "adapter" / LORA_WEIGHT_NAME).is_file()
 
@@ -170,8 +211,15 @@ def test_lora_trains_on_a_video_folder(base, tmp_path):
     with pytest.raises(ValueError, match="lora.data_dir .* holds no images"):
         load_style_folder(tmp_path / "empty", SIZE, 8.0, (".mp4",))
     with pytest.raises(ValueError, match="lora: no video has lora.train.num_frames=32"):
-        train_lora(style_settings(folder, num_frames=32, image_ratio=0.5), root / "unused", root / "vae",
-                   root / "dit", tmp_path / "adapter32", tmp_path / "ckpt32", show_progress=False)
+        train_lora(
+            style_settings(folder, num_frames=32, image_ratio=0.5),
+            root / "unused",
+            root / "vae",
+            root / "dit",
+            tmp_path / "adapter32",
+            tmp_path / "ckpt32",
+            show_progress=False,
+        )
 
 
 def test_cli_generate_applies_the_trained_adapter(base, style_adapter, tmp_path):
@@ -182,8 +230,22 @@ def test_cli_generate_applies_the_trained_adapter(base, style_adapter, tmp_path)
     base["pipe"].save_pretrained(pipeline_dir)
     adapter, _ = style_adapter
     runner = CliRunner()
-    common = ["--model", str(pipeline_dir), "--steps", "10", "--frames", "8", "--height", str(SIZE),
-              "--width", str(SIZE), "--guidance", "1", "--seed", "0"]
+    common = [
+        "--model",
+        str(pipeline_dir),
+        "--steps",
+        "10",
+        "--frames",
+        "8",
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        "--guidance",
+        "1",
+        "--seed",
+        "0",
+    ]
 
     def generate(out, *extra):
         result = runner.invoke(app, ["generate", STYLE_CAPTION, "--out", str(out), *common, *extra])
@@ -196,8 +258,9 @@ def test_cli_generate_applies_the_trained_adapter(base, style_adapter, tmp_path)
     faint = generate(tmp_path / "faint.mp4", "--lora", str(adapter / LORA_WEIGHT_NAME), "--lora-scale", "0.3")
     assert styled < faint < plain  # through encode + decode of the mp4 too
 
-    result = runner.invoke(app, ["generate", "x", "--out", str(tmp_path / "y.mp4"), *common, "--lora",
-                                 str(tmp_path / "missing")])
+    result = runner.invoke(
+        app, ["generate", "x", "--out", str(tmp_path / "y.mp4"), *common, "--lora", str(tmp_path / "missing")]
+    )
     assert result.exit_code == 2 and "neither a LoRA folder" in result.output
     result = runner.invoke(app, ["generate", "x", "--out", str(tmp_path / "y.webm"), *common])
     assert result.exit_code == 2 and "must end in .mp4 or .gif" in result.output

@@ -39,8 +39,13 @@ def _pipe(text_encoder, scheduler="dpm++"):
     vae = SliceVAE(block_out_channels=(8, 8, 8, 8), norm_groups=4).eval()
     dit = _perturb(EasyAnimateTransformer3DModel(hidden_size=32, depth=2, num_heads=2, text_embed_dim=384), 1).eval()
     tokenizer, encoder = text_encoder
-    pipe = EasyAnimatePipeline(vae=vae, transformer=dit, text_encoder=encoder, tokenizer=tokenizer,
-                               scheduler=make_scheduler(scheduler, SCHED_CFG))
+    pipe = EasyAnimatePipeline(
+        vae=vae,
+        transformer=dit,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        scheduler=make_scheduler(scheduler, SCHED_CFG),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -90,8 +95,13 @@ def test_encoded_video_outputs(pipe, tmp_path):
     assert sum(durations) == 8 * 250 and gif.shape[1:3] == (64, 64)
     # GIF is palette-quantised, not lossy-compressed: colours stay close to the decoded frames.
     assert np.abs(gif[0, ..., :3].astype(float) - frames[0, 0]).mean() < 8
-    written = pipe(["a cat", "a dog"], num_inference_steps=1, output_type="mp4", output_path=tmp_path / "out" / "v.mp4",
-                   generator=torch.Generator().manual_seed(0)).frames
+    written = pipe(
+        ["a cat", "a dog"],
+        num_inference_steps=1,
+        output_type="mp4",
+        output_path=tmp_path / "out" / "v.mp4",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
     assert written == [tmp_path / "out" / "v_0.mp4", tmp_path / "out" / "v_1.mp4"]
     assert all(probe(p).num_frames == 8 for p in written)
     with pytest.raises(ValueError, match="2 output paths for 1 prompts"):
@@ -123,8 +133,9 @@ def test_guidance_changes_output(pipe):
     a = _run(pipe, output_type="latent", guidance_scale=1.0)
     b = _run(pipe, output_type="latent", guidance_scale=6.0)
     assert not torch.allclose(a, b)
-    other = pipe("a snowy mountain", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                 output_type="latent").frames
+    other = pipe(
+        "a snowy mountain", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent"
+    ).frames
     assert not torch.allclose(other, _run(pipe, output_type="latent"))
 
 

@@ -15,8 +15,16 @@ BASE = {"eval/val_loss": 1.0, "eval/vae_psnr": 20.0, "eval/vae_ssim": 0.6, "eval
 
 
 def cand(version: str, data_gate=True, eval_gate=True, data="d1", protocol="p1", latent="z1", **metrics) -> Candidate:
-    return Candidate(version, {**BASE, **{f"eval/{k}": v for k, v in metrics.items()}}, data_gate, eval_gate,
-                     "" if eval_gate else "eval/val_loss 9 > evaluate.max_val_loss 1.5", data, protocol, latent)
+    return Candidate(
+        version,
+        {**BASE, **{f"eval/{k}": v for k, v in metrics.items()}},
+        data_gate,
+        eval_gate,
+        "" if eval_gate else "eval/val_loss 9 > evaluate.max_val_loss 1.5",
+        data,
+        protocol,
+        latent,
+    )
 
 
 # ------------------------------------------------------------------------------------------ the rule
@@ -63,7 +71,10 @@ def test_val_loss_is_compared_only_between_versions_sharing_a_vae_latent_space()
     """A DiT val loss lives in its own VAE's latent space: across different VAEs a lower loss proves nothing."""
     champion = cand("1")
     other_vae = decide(cand("2", latent="z2", val_loss=0.5), champion, POLICY)
-    assert not other_vae.promote and "eval/val_loss not compared: the versions' VAEs encode differently" in other_vae.reason
+    assert (
+        not other_vae.promote
+        and "eval/val_loss not compared: the versions' VAEs encode differently" in other_vae.reason
+    )
     assert "min_psnr_gain" in other_vae.reason and "min_val_loss_decrease" not in other_vae.reason
     row = {r.metric: r for r in other_vae.comparisons}["eval/val_loss"]
     assert not row.comparable and row.gain is None and row.within_tolerance
@@ -97,8 +108,13 @@ def test_promotion_report_has_comparison_table():
     from easyanimate.evaluation.report import promotion_markdown
 
     challenger, champion = cand("2", val_loss=0.9, flicker=0.12), cand("1")
-    md = promotion_markdown(decide(challenger, champion, POLICY), challenger, champion, "stored metrics",
-                            ["/x/sample_0.gif", "/x/sample_0.mp4"])
+    md = promotion_markdown(
+        decide(challenger, champion, POLICY),
+        challenger,
+        champion,
+        "stored metrics",
+        ["/x/sample_0.gif", "/x/sample_0.mp4"],
+    )
     assert "PROMOTED" in md and "| metric | challenger v2 | champion v1 | gain | tolerance | ok |" in md
     assert "| **eval/val_loss** | 0.9 | 1 | 0.1 | 0.01 (registry.promotion.max_val_loss_increase) | improved |" in md
     assert "![sample_0](/x/sample_0.gif)" in md and "sample_0.mp4" not in md
@@ -179,7 +195,8 @@ def test_registry_promotion_with_degraded_and_better_models(tmp_path, monkeypatc
     assert tags["promotion.reason"].startswith("regression: eval/val_loss worse by")
     assert "registry.promotion.max_val_loss_increase 0.01" in tags["promotion.reason"]
     assert json.loads(tags["promotion.champion_metrics"])["eval/val_loss"] == pytest.approx(
-        v1["challenger_metrics"]["eval/val_loss"])
+        v1["challenger_metrics"]["eval/val_loss"]
+    )
     assert tags["promotion.champion_metrics_source"] == "stored metrics of its evaluation run"
     comparison = {row["metric"]: row for row in json.loads(tags["promotion.comparison"])}
     assert not comparison["eval/val_loss"]["within_tolerance"] and comparison["eval/vae_psnr"]["gain"] == 0
@@ -190,8 +207,9 @@ def test_registry_promotion_with_degraded_and_better_models(tmp_path, monkeypatc
     assert v4["reason"].startswith("better than champion v1: eval/val_loss better by")
     assert aliases() == {"champion": "4", "challenger": "4"}
     assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "4"
-    assert client.get_run(client.get_model_version(name, "4").run_id).data.metrics["eval.val_loss"] == \
-        pytest.approx(v4["challenger_metrics"]["eval/val_loss"])
+    assert client.get_run(client.get_model_version(name, "4").run_id).data.metrics["eval.val_loss"] == pytest.approx(
+        v4["challenger_metrics"]["eval/val_loss"]
+    )
 
     # By hand: a dry run decides without touching aliases or tags; v3 stays rejected.
     before = client.get_model_version(name, "3").tags
@@ -208,8 +226,16 @@ def test_registry_promotion_with_degraded_and_better_models(tmp_path, monkeypatc
     info = model_lineage(client, name, "1")
     assert info["curated_data_dvc_hash"] == dvc_hash(curated) and info["pipeline_run_id"] == v1["pipeline_run"]
     assert info["params_hash"] == settings.section_hash()
-    assert set(info["runs"]) == {"curate", "vae_stage1", "vae_stage2", "dit_stage1", "dit_stage2", "dit_stage3",
-                                 "lora", "evaluate"}
+    assert set(info["runs"]) == {
+        "curate",
+        "vae_stage1",
+        "vae_stage2",
+        "dit_stage1",
+        "dit_stage2",
+        "dit_stage3",
+        "lora",
+        "evaluate",
+    }
     assert info["runs"]["evaluate"]["run_id"] == v1["evaluate_run"]
     assert info["checkpoints"]["dit_stage3"]["parent"] == str(settings.paths.dit_stage2)
     assert info["checkpoints"]["dit_stage3"]["dvc_hash"].endswith(".dir")
@@ -237,4 +263,5 @@ def test_registry_promotion_with_degraded_and_better_models(tmp_path, monkeypatc
     cached = [k for k in client.get_model_version(name, "4").tags if k.startswith(f"reevaluated.{new_hash}")]
     assert len(cached) == 1
     assert promote_version(settings2, "3", client=client, dry_run=True)["champion_metrics_source"].startswith(
-        "cached re-evaluation")
+        "cached re-evaluation"
+    )

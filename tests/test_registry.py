@@ -29,16 +29,25 @@ def project(tmp_path, monkeypatch) -> tuple[Settings, MlflowClient]:
     previous = mlflow.get_tracking_uri()  # before chdir: a relative default would resolve into tmp_path
     monkeypatch.chdir(tmp_path)  # the default artifact root (./mlruns) lands in the temp dir
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    paths = {"curated": "data/curated", "pipeline": "models/pipeline", "lora": "models/lora", "reports": "reports",
-             "checkpoints": ".easyanimate/checkpoints", "cache": ".easyanimate/cache"}
+    paths = {
+        "curated": "data/curated",
+        "pipeline": "models/pipeline",
+        "lora": "models/lora",
+        "reports": "reports",
+        "checkpoints": ".easyanimate/checkpoints",
+        "cache": ".easyanimate/cache",
+    }
     for stage in ("vae_stage1", "vae_stage2", "dit_stage1", "dit_stage2", "dit_stage3"):
         paths[stage] = f"models/{stage}"
-    settings = load_settings(REPO / "params.yaml", overrides={
-        "paths": {k: str(tmp_path / v) for k, v in paths.items()},
-        "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"},
-        "retrain": {"download_dir": str(tmp_path / "champions")},
-        "lora": {"registered_model": "tiny-lora"},
-    })
+    settings = load_settings(
+        REPO / "params.yaml",
+        overrides={
+            "paths": {k: str(tmp_path / v) for k, v in paths.items()},
+            "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"},
+            "retrain": {"download_dir": str(tmp_path / "champions")},
+            "lora": {"registered_model": "tiny-lora"},
+        },
+    )
     pipeline = settings.paths.pipeline
     (pipeline / "vae").mkdir(parents=True)
     (pipeline / "model_index.json").write_text('{"_class_name": "EasyAnimatePipeline"}')
@@ -52,10 +61,13 @@ def log_pipeline(settings: Settings) -> str:
     from easyanimate.serving.pyfunc import EasyAnimatePyfunc
 
     with mlflow.start_run(run_name="seed"):
-        info = mlflow.pyfunc.log_model(name="pipeline", python_model=EasyAnimatePyfunc(),
-                                       artifacts={"pipeline": str(settings.paths.pipeline)},
-                                       registered_model_name=settings.registry.model_name,
-                                       pip_requirements=["easyanimate"])
+        info = mlflow.pyfunc.log_model(
+            name="pipeline",
+            python_model=EasyAnimatePyfunc(),
+            artifacts={"pipeline": str(settings.paths.pipeline)},
+            registered_model_name=settings.registry.model_name,
+            pip_requirements=["easyanimate"],
+        )
     return str(info.registered_model_version)
 
 
@@ -119,13 +131,23 @@ def _evaluated(settings: Settings) -> None:
     evaluation.mkdir(parents=True)
     (evaluation / "metrics.json").write_text(json.dumps(METRICS))
     (evaluation / "gate.json").write_text(json.dumps({"passed": True, "reasons": [], "skipped": {}}))
-    (evaluation / "eval_context.json").write_text(json.dumps({
-        "data_dvc_hash": dvc_hash(curated), "protocol_hash": evaluation_protocol_hash(settings),
-        "latent_space": "z1", "val_clip_ids": ["clip01"]}))
+    (evaluation / "eval_context.json").write_text(
+        json.dumps(
+            {
+                "data_dvc_hash": dvc_hash(curated),
+                "protocol_hash": evaluation_protocol_hash(settings),
+                "latent_space": "z1",
+                "val_clip_ids": ["clip01"],
+            }
+        )
+    )
     settings.paths.lora.mkdir(parents=True)
     meta = {"transformer.r": 4, "transformer.lora_alpha": 4, "transformer.target_modules": ["to_q"]}
-    save_file({"transformer.w": torch.zeros(2)}, str(settings.paths.lora / LORA_WEIGHT_NAME),
-              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    save_file(
+        {"transformer.w": torch.zeros(2)},
+        str(settings.paths.lora / LORA_WEIGHT_NAME),
+        metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)},
+    )
 
 
 def test_register_stage_works_inside_the_stage_run(project):
@@ -145,8 +167,10 @@ def test_register_stage_works_inside_the_stage_run(project):
     assert result.markdown["promotion"][0] == f"models:/{name}/1: challenger vs champion"
 
     # One register run, the stage runner's: the version was logged in it, its metrics logged once.
-    children = {r.info.run_name: r for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'")}
+    children = {
+        r.info.run_name: r
+        for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'")
+    }
     assert set(children) == {"register", "register_lora"}
     register = children["register"]
     assert register.info.run_id == result.run_id == info["run_id"] and register.data.tags["stage"] == "register"

@@ -36,8 +36,9 @@ NAME = "tiny-easyanimate"
 SERVER_START_S = 180  # cold imports of torch/transformers/mlflow on a busy 2-core machine
 REQUEST_S = 120
 # Small limits so "absurd" requests are cheap to construct; the real ones come from the generate settings.
-GENERATE = GenerateConfig(height=32, width=32, num_inference_steps=2, max_side=256, max_frames=64,
-                          max_inference_steps=50)
+GENERATE = GenerateConfig(
+    height=32, width=32, num_inference_steps=2, max_side=256, max_frames=64, max_inference_steps=50
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,9 +58,13 @@ def registry(tmp_path_factory):
     with torch.no_grad():  # random output layer so generations are not all-zero noise predictions
         for p in dit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    pipe = EasyAnimatePipeline(vae=SliceVAE(block_out_channels=(8, 8, 8, 8), norm_groups=4), transformer=dit,
-                               text_encoder=encoder, tokenizer=tokenizer,
-                               scheduler=make_scheduler("dpm++", {"num_train_timesteps": 1000}))
+    pipe = EasyAnimatePipeline(
+        vae=SliceVAE(block_out_channels=(8, 8, 8, 8), norm_groups=4),
+        transformer=dit,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        scheduler=make_scheduler("dpm++", {"num_train_timesteps": 1000}),
+    )
     pipe.save_pretrained(root / "pipeline")
     dit.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
     save_transformer_lora(dit, root / "lora")
@@ -70,9 +75,13 @@ def registry(tmp_path_factory):
     try:
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            info = mlflow.pyfunc.log_model(name="pipeline", python_model=EasyAnimatePyfunc(generate=GENERATE),
-                                           artifacts={"pipeline": str(root / "pipeline")},
-                                           registered_model_name=NAME, pip_requirements=["easyanimate"])
+            info = mlflow.pyfunc.log_model(
+                name="pipeline",
+                python_model=EasyAnimatePyfunc(generate=GENERATE),
+                artifacts={"pipeline": str(root / "pipeline")},
+                registered_model_name=NAME,
+                pip_requirements=["easyanimate"],
+            )
         MlflowClient().set_registered_model_alias(NAME, "champion", info.registered_model_version)
         yield {"root": root, "uri": uri, "experiment": experiment, "version": str(info.registered_model_version)}
     finally:
@@ -86,8 +95,11 @@ def _free_port() -> int:
 
 
 def _post(port: int, payload) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_S) as response:
             return response.status, json.loads(response.read())
@@ -105,16 +117,38 @@ def server(registry):
     port = _free_port()
     log = open(registry["root"] / "server.log", "w")
     # The CLI execs `uvicorn` by name: the environment's bin folder must be on PATH, as in an activated venv.
-    env = dict(os.environ, MLFLOW_TRACKING_URI=registry["uri"], OMP_NUM_THREADS="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=registry["uri"],
+        OMP_NUM_THREADS="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    )
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + SERVER_START_S
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"server exited ({proc.returncode}):\n{(registry['root'] / 'server.log').read_text()[-4000:]}")
+                pytest.fail(
+                    f"server exited ({proc.returncode}):\n{(registry['root'] / 'server.log').read_text()[-4000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
                     if response.status == 200:
@@ -122,7 +156,9 @@ def server(registry):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"server not up in {SERVER_START_S} s:\n{(registry['root'] / 'server.log').read_text()[-4000:]}")
+                pytest.fail(
+                    f"server not up in {SERVER_START_S} s:\n{(registry['root'] / 'server.log').read_text()[-4000:]}"
+                )
             time.sleep(0.5)
         yield port
     finally:
@@ -139,36 +175,49 @@ def server(registry):
 
 
 def test_served_champion_answers_with_videos(server, registry, tmp_path):
-    status, body = _post(server, {"dataframe_records": [
-        {"prompt": "a cat playing piano", "num_frames": 8, "seed": 3},
-        {"prompt": "a dog", "num_frames": 16, "steps": 1, "height": 48},  # missing seed: the model's default
-    ]})
+    status, body = _post(
+        server,
+        {
+            "dataframe_records": [
+                {"prompt": "a cat playing piano", "num_frames": 8, "seed": 3},
+                {"prompt": "a dog", "num_frames": 16, "steps": 1, "height": 48},  # missing seed: the model's default
+            ]
+        },
+    )
     assert status == 200, body
     first, second = body["predictions"]
     assert (first["num_frames"], first["height"], first["width"], first["seed"]) == (8, 32, 32, 3)
     assert second["seed"] == GENERATE.seed
-    a, b = _frames(first["video_mp4_base64"], tmp_path / "a.mp4"), _frames(second["video_mp4_base64"], tmp_path / "b.mp4")
+    a, b = (
+        _frames(first["video_mp4_base64"], tmp_path / "a.mp4"),
+        _frames(second["video_mp4_base64"], tmp_path / "b.mp4"),
+    )
     assert a.shape == (8, 32, 32, 3) and b.shape == (16, 48, 32, 3)
     assert probe(tmp_path / "a.mp4").num_frames == 8
     # Same request, same video: the seed travels with the request.
-    status, again = _post(server, {"dataframe_records": [{"prompt": "a cat playing piano", "num_frames": 8, "seed": 3}]})
+    status, again = _post(
+        server, {"dataframe_records": [{"prompt": "a cat playing piano", "num_frames": 8, "seed": 3}]}
+    )
     assert status == 200
     np.testing.assert_array_equal(_frames(again["predictions"][0]["video_mp4_base64"], tmp_path / "c.mp4"), a)
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"prompt": ""}, "prompt must be a non-empty string"),
-    ({"prompt": "   "}, "prompt must be a non-empty string"),
-    ({"num_frames": 8}, "prompt must be a non-empty string"),
-    ({"prompt": "a cat", "height": 100000}, "height=100000 is out of range [1, 256]"),
-    ({"prompt": "a cat", "width": 40}, "multiples of 16"),
-    ({"prompt": "a cat", "num_frames": 5}, "SliceVAE needs num_frames"),
-    ({"prompt": "a cat", "num_frames": 10000}, "num_frames=10000 is out of range"),
-    ({"prompt": "a cat", "steps": "many"}, "steps must be a number"),
-    ({"prompt": "a cat", "steps": 2.5}, "steps must be a whole number"),
-    ({"prompt": "a cat", "lora_scale": 1.0}, "no LoRA adapter"),
-    ({"prompt": "a cat", "colour": "red"}, "unknown request field(s) ['colour']"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": ""}, "prompt must be a non-empty string"),
+        ({"prompt": "   "}, "prompt must be a non-empty string"),
+        ({"num_frames": 8}, "prompt must be a non-empty string"),
+        ({"prompt": "a cat", "height": 100000}, "height=100000 is out of range [1, 256]"),
+        ({"prompt": "a cat", "width": 40}, "multiples of 16"),
+        ({"prompt": "a cat", "num_frames": 5}, "SliceVAE needs num_frames"),
+        ({"prompt": "a cat", "num_frames": 10000}, "num_frames=10000 is out of range"),
+        ({"prompt": "a cat", "steps": "many"}, "steps must be a number"),
+        ({"prompt": "a cat", "steps": 2.5}, "steps must be a whole number"),
+        ({"prompt": "a cat", "lora_scale": 1.0}, "no LoRA adapter"),
+        ({"prompt": "a cat", "colour": "red"}, "unknown request field(s) ['colour']"),
+    ],
+)
 def test_bad_requests_get_a_clear_400(server, record, message):
     status, body = _post(server, {"dataframe_records": [record]})
     assert status == 400, body
@@ -183,9 +232,13 @@ def test_lora_adapter_is_its_own_registered_model_linked_to_the_base(registry, t
     from easyanimate.registry import register_lora_adapter
 
     root = registry["root"]
-    settings = load_settings(overrides={"paths": {"lora": str(root / "lora"), "pipeline": str(root / "pipeline")},
-                                        "lora": {"registered_model": "tiny-lora", "default_scale": 1.0},
-                                        "generate": GENERATE.model_dump(mode="json")})
+    settings = load_settings(
+        overrides={
+            "paths": {"lora": str(root / "lora"), "pipeline": str(root / "pipeline")},
+            "lora": {"registered_model": "tiny-lora", "default_scale": 1.0},
+            "generate": GENERATE.model_dump(mode="json"),
+        }
+    )
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(registry["uri"])
     try:

@@ -17,7 +17,6 @@ from easyanimate.stages import (
     dvc_yaml,
     get_stage,
     params_problems,
-    stage_files,
     stage_inputs_hash,
     stage_modules,
     stage_version,
@@ -26,8 +25,9 @@ from tests.conftest import REPO
 
 
 def test_committed_dvc_yaml_is_the_generated_one():
-    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(REPO / "params.yaml", REPO), \
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(REPO / "params.yaml", REPO), (
         "dvc.yaml is stale: run `easyanimate dvc-yaml`"
+    )
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STAGE_NAMES)
     assert all(stage["cmd"] == f"easyanimate run {name}" for name, stage in stages.items())
@@ -90,6 +90,7 @@ def staleness(tmp_path_factory):
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
+
     run(sys.executable, "-m", "dvc", "init", "--no-scm", "-q")
     run(sys.executable, "-m", "dvc", "commit", "-f", "-q")
     assert settings.preset == "tiny"
@@ -132,8 +133,9 @@ def test_changing_a_param_stales_the_stages_that_declare_it_and_nothing_else(sta
         assert all(s == first or s in descendants(first) for s in expected), (key, expected)
         # DVC tracks the keys dvc.yaml lists for the file that changed (a key set in neither file is a code
         # default until a params file sets it and `easyanimate dvc-yaml` lists it).
-        tracked = sorted(s for s in STAGE_NAMES if any(leaf == p or leaf.startswith(p + ".")
-                                                       for p in _dvc_params(s, found["file"])))
+        tracked = sorted(
+            s for s in STAGE_NAMES if any(leaf == p or leaf.startswith(p + ".") for p in _dvc_params(s, found["file"]))
+        )
         assert found["dvc"] == tracked and set(tracked) <= set(expected), (key, found, tracked)
     fully_tracked = sum(found["dvc"] == found["prefect"] for found in staleness["params"].values())
     assert fully_tracked >= 0.8 * len(staleness["params"])
@@ -151,8 +153,9 @@ def test_inputs_hash_follows_input_content(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "a.mp4").write_bytes(b"1")
-    settings = load_settings(REPO / "params.yaml", overrides={"paths": {"raw_videos": str(raw),
-                                                                       "captions": str(raw / "c.yaml")}})
+    settings = load_settings(
+        REPO / "params.yaml", overrides={"paths": {"raw_videos": str(raw), "captions": str(raw / "c.yaml")}}
+    )
     first = stage_inputs_hash("curate", settings)
     assert first == stage_inputs_hash("curate", settings)
     (raw / "a.mp4").write_bytes(b"2")
@@ -165,19 +168,26 @@ def test_dit_latent_cache_skips_decode_and_encode(tmp_path, monkeypatch):
 
     import torch
 
-    from easyanimate.data.curate import curate_video
+    from easyanimate.data.curate import build_manifest, curate_video
     from easyanimate.data.manifest import write_manifest
-    from easyanimate.data.curate import build_manifest
     from easyanimate.models.vae import SliceVAE
     from easyanimate.training import dit as dit_training
 
     raw = tmp_path / "raw"
     raw.mkdir()
     shutil.copy(REPO / "data" / "samples" / "bigbuckbunny.mp4", raw / "bigbuckbunny.mp4")
-    settings = load_settings(REPO / "params.yaml", overrides={"paths": {
-        "raw_videos": str(raw), "captions": str(REPO / "data" / "samples" / "captions.yaml"),
-        "curated": str(tmp_path / "curated"), "cache": str(tmp_path / "cache")},
-        "curate": {"text": {"enabled": False}}})  # OCR is not what this test is about
+    settings = load_settings(
+        REPO / "params.yaml",
+        overrides={
+            "paths": {
+                "raw_videos": str(raw),
+                "captions": str(REPO / "data" / "samples" / "captions.yaml"),
+                "curated": str(tmp_path / "curated"),
+                "cache": str(tmp_path / "cache"),
+            },
+            "curate": {"text": {"enabled": False}},
+        },
+    )  # OCR is not what this test is about
     df = build_manifest(curate_video(raw / "bigbuckbunny.mp4", settings, settings.paths.curated), settings)
     df.loc[df["status"] == "accepted", "split"] = "train"
     write_manifest(df, settings.paths.curated / "manifest.parquet")
@@ -193,7 +203,9 @@ def test_dit_latent_cache_skips_decode_and_encode(tmp_path, monkeypatch):
     cache.windows(vae, clips, 1, text)
     assert cache.has({1, 8}) and cache.captions() == [c.caption for c in clips]
 
-    monkeypatch.setattr(dit_training, "encode_windows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    monkeypatch.setattr(
+        dit_training, "encode_windows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded"))
+    )
     again = dit_training.LatentCache(tmp_path / "cache", vae_dir, settings.paths.curated, ("train", 32, 4.0, None), 0)
     second = again.windows(vae, None, 8, text)
     assert len(second) == len(first) > 0
@@ -201,5 +213,6 @@ def test_dit_latent_cache_skips_decode_and_encode(tmp_path, monkeypatch):
     assert second.caption_ids == first.caption_ids
     # A different VAE is a different cache entry.
     SliceVAE(block_out_channels=(8, 8, 8, 8), norm_groups=4).save_pretrained(tmp_path / "vae2")
-    assert not dit_training.LatentCache(tmp_path / "cache", tmp_path / "vae2", settings.paths.curated,
-                                        ("train", 32, 4.0, None), 0).has({8})
+    assert not dit_training.LatentCache(
+        tmp_path / "cache", tmp_path / "vae2", settings.paths.curated, ("train", 32, 4.0, None), 0
+    ).has({8})

@@ -293,8 +293,9 @@ def test_tiled_matches_untiled_without_seams_on_real_frames(bunny_128x192, monke
     # so closeness is tested with normalisation that has no statistics (a fixed per-channel affine), where only
     # the tile borders' missing context differs. Measured over 3 seeds, mean |diff| / std(ref): blended 1.2-2.6%,
     # hard 3.8-8.4%; max |diff| / std(ref): blended 0.13-0.31, hard 0.72-1.6.
-    monkeypatch.setattr(FrameGroupNorm, "forward", lambda self, h: h * self.weight.view(-1, 1, 1, 1)
-                        + self.bias.view(-1, 1, 1, 1))
+    monkeypatch.setattr(
+        FrameGroupNorm, "forward", lambda self, h: h * self.weight.view(-1, 1, 1, 1) + self.bias.view(-1, 1, 1, 1)
+    )
     ref = vae.decode(vae.encode(x).latent_dist.mode()).sample
     blended, hard = ((_tiled_round_trip(vae, x, f) - ref).abs() for f in (0.25, 0.0))
     assert blended.mean() < 0.5 * hard.mean() and blended.max() < 0.5 * hard.max()
@@ -347,8 +348,22 @@ def test_cli_vae_reconstruct_with_tiles(tmp_path):
 
     make_vae(tile_sample_size=24).save_pretrained(tmp_path / "vae")
     out = tmp_path / "recon.mp4"
-    result = CliRunner().invoke(app, ["vae", "reconstruct", str(SAMPLES / "trailer_bbb.mp4"), str(out),
-                                      "--model", str(tmp_path / "vae"), "--frames", "8", "--size", "32", "--tile"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "vae",
+            "reconstruct",
+            str(SAMPLES / "trailer_bbb.mp4"),
+            str(out),
+            "--model",
+            str(tmp_path / "vae"),
+            "--frames",
+            "8",
+            "--size",
+            "32",
+            "--tile",
+        ],
+    )
     assert result.exit_code == 0, result.output
     # 32x56 frames (16:9, cropped to multiples of 8) in 2x3 tiles of 24 px, 1 encoder + 1 decoder slice each.
     assert "12/12 slices" in result.output
@@ -363,8 +378,15 @@ def test_pixel_shortcut_alone_is_a_block_mean_codec_and_keeps_slicing_exact(moti
     from easyanimate.models.vae.slice_vae import _block_means, _block_slopes, _expand_means, _expand_slopes
 
     torch.manual_seed(0)
-    vae = SliceVAE(latent_channels=4, block_out_channels=(8, 8, 16, 16), norm_groups=4, pixel_shortcut=True,
-                   pixel_shortcut_motion=motion, encoder_slice_frames=4, decoder_slice_latents=1).eval()
+    vae = SliceVAE(
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        norm_groups=4,
+        pixel_shortcut=True,
+        pixel_shortcut_motion=motion,
+        encoder_slice_frames=4,
+        decoder_slice_latents=1,
+    ).eval()
     x = torch.rand(1, 3, 12, 32, 48) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
@@ -416,8 +438,16 @@ def test_latent_space_id_follows_the_encoder_side_only():
     vae = SliceVAE(latent_channels=4, block_out_channels=(8, 8, 16, 16), norm_groups=4)
     base = vae.latent_space_id()
     torch.manual_seed(0)
-    assert SliceVAE(latent_channels=4, block_out_channels=(8, 8, 16, 16), norm_groups=4,
-                    encoder_slice_frames=4, decoder_slice_latents=1).latent_space_id() == base
+    assert (
+        SliceVAE(
+            latent_channels=4,
+            block_out_channels=(8, 8, 16, 16),
+            norm_groups=4,
+            encoder_slice_frames=4,
+            decoder_slice_latents=1,
+        ).latent_space_id()
+        == base
+    )
     with torch.no_grad():
         vae.decoder.conv_out.bias.add_(1.0)  # stage 2 fine-tunes the decoder: latents unchanged
         assert vae.latent_space_id() == base

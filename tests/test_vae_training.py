@@ -23,16 +23,39 @@ from easyanimate.training.vae import evaluate_vae, perceptual_status, train_vae
 from tests.conftest import REPO, SAMPLES
 
 TINY_VAE = {"block_out_channels": [8, 16, 16, 16], "norm_groups": 4, "latent_channels": 4}
-STAGE = {"batch_size": 1, "resolution": 32, "num_frames": 8, "image_ratio": 0.5, "learning_rate": 1e-3,
-         "sample_fps": 8.0, "checkpoint_every": 3, "lr_scheduler": "cosine", "warmup_steps": 1}
+STAGE = {
+    "batch_size": 1,
+    "resolution": 32,
+    "num_frames": 8,
+    "image_ratio": 0.5,
+    "learning_rate": 1e-3,
+    "sample_fps": 8.0,
+    "checkpoint_every": 3,
+    "lr_scheduler": "cosine",
+    "warmup_steps": 1,
+}
 ADV = {"enabled": True, "disc_start_step": 1, "channels": 8, "layers": 2}
 
 
 def _row(clip_id: str, path: str, split: str, duration: float) -> dict:
-    return {"clip_id": clip_id, "source": "trailer_bbb.mp4", "start_s": 0.0, "end_s": duration,
-            "duration_s": duration, "width": 64, "height": 36, "fps": 8.0, "aesthetic": 5.0, "text_area": 0.0,
-            "motion": 0.01, "caption": "a rabbit", "status": "accepted", "reject_reason": None,
-            "clip_path": f"clips/{path}", "split": split}
+    return {
+        "clip_id": clip_id,
+        "source": "trailer_bbb.mp4",
+        "start_s": 0.0,
+        "end_s": duration,
+        "duration_s": duration,
+        "width": 64,
+        "height": 36,
+        "fps": 8.0,
+        "aesthetic": 5.0,
+        "text_area": 0.0,
+        "motion": 0.01,
+        "caption": "a rabbit",
+        "status": "accepted",
+        "reject_reason": None,
+        "clip_path": f"clips/{path}",
+        "split": split,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +67,27 @@ def curated(tmp_path_factory) -> Path:
     frames = decode_frames(SAMPLES / "trailer_bbb.mp4", times=list(np.arange(0.0, 3.5, 1 / 8)), size=(64, 36))
     write_video(frames[:16], root / "clips" / "train0.mp4", fps=8)
     write_video(frames[16:], root / "clips" / "val0.mp4", fps=8)
-    write_manifest(to_frame([_row("train0", "train0.mp4", "train", 2.0), _row("val0", "val0.mp4", "val", 1.5)]),
-                   root / "manifest.parquet")
+    write_manifest(
+        to_frame([_row("train0", "train0.mp4", "train", 2.0), _row("val0", "val0.mp4", "val", 1.5)]),
+        root / "manifest.parquet",
+    )
     return root
 
 
 def make_settings(tmp: Path, stage1: dict | None = None, stage2: dict | None = None):
-    return load_settings(REPO / "params.yaml", preset="tiny", overrides={
-        "paths": {"reports": str(tmp / "reports"), "checkpoints": str(tmp / "ckpt")},
-        "vae": {"model": TINY_VAE, "stage1": {**STAGE, "steps": 4, **(stage1 or {})},
-                "stage2": {**STAGE, "steps": 2, **(stage2 or {})}, "eval": {"num_frames": 8}},
-    })
+    return load_settings(
+        REPO / "params.yaml",
+        preset="tiny",
+        overrides={
+            "paths": {"reports": str(tmp / "reports"), "checkpoints": str(tmp / "ckpt")},
+            "vae": {
+                "model": TINY_VAE,
+                "stage1": {**STAGE, "steps": 4, **(stage1 or {})},
+                "stage2": {**STAGE, "steps": 2, **(stage2 or {})},
+                "eval": {"num_frames": 8},
+            },
+        },
+    )
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -84,7 +117,9 @@ def test_discriminators_judge_images_per_frame_and_videos_in_3d():
 
 
 def test_lpips_is_off_without_weights_and_loads_a_local_file(tmp_path):
-    settings = load_settings(REPO / "params.yaml", preset="tiny", overrides={"vae": {"stage1": {"perceptual_weight": 0.1}}})
+    settings = load_settings(
+        REPO / "params.yaml", preset="tiny", overrides={"vae": {"stage1": {"perceptual_weight": 0.1}}}
+    )
     status = perceptual_status(settings)
     assert not status.enabled and "weights.lpips" in status.reason
     torch.manual_seed(0)
@@ -95,16 +130,24 @@ def test_lpips_is_off_without_weights_and_loads_a_local_file(tmp_path):
     x = torch.rand(1, 3, 2, 32, 32) * 2 - 1
     assert lpips(x, x).item() == 0.0
     assert lpips(x, x.flip(-1)).item() > 0.0
-    on = load_settings(REPO / "params.yaml", preset="tiny",
-                       overrides={"vae": {"stage1": {"perceptual_weight": 0.1}},
-                                  "weights": {"lpips": str(tmp_path / "lpips.safetensors")}})
+    on = load_settings(
+        REPO / "params.yaml",
+        preset="tiny",
+        overrides={
+            "vae": {"stage1": {"perceptual_weight": 0.1}},
+            "weights": {"lpips": str(tmp_path / "lpips.safetensors")},
+        },
+    )
     assert perceptual_status(on).enabled
 
 
 # ------------------------------------------------------------------------------------------ training
 def test_stage2_freezes_encoder_bit_for_bit_and_evaluates_held_out(curated, tmp_path):
-    settings = make_settings(tmp_path, stage1={"steps": 1, "ema_decay": 0.9},
-                             stage2={"adversarial": {**ADV, "disc_start_step": 0}, "ema_decay": 0.9})
+    settings = make_settings(
+        tmp_path,
+        stage1={"steps": 1, "ema_decay": 0.9},
+        stage2={"adversarial": {**ADV, "disc_start_step": 0}, "ema_decay": 0.9},
+    )
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     train_vae(settings, 1, curated, s1, tmp_path / "c1", show_progress=False)
     result = train_vae(settings, 2, curated, s2, tmp_path / "c2", init_dir=s1, show_progress=False)
@@ -178,14 +221,28 @@ def test_cli_vae_reconstruct(tmp_path):
     torch.manual_seed(0)
     SliceVAE(**TINY_VAE).save_pretrained(tmp_path / "vae")
     out = tmp_path / "recon.mp4"
-    result = CliRunner().invoke(app, ["vae", "reconstruct", str(SAMPLES / "trailer_bbb.mp4"), str(out),
-                                      "--model", str(tmp_path / "vae"), "--frames", "10", "--size", "36"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "vae",
+            "reconstruct",
+            str(SAMPLES / "trailer_bbb.mp4"),
+            str(out),
+            "--model",
+            str(tmp_path / "vae"),
+            "--frames",
+            "10",
+            "--size",
+            "36",
+        ],
+    )
     assert result.exit_code == 0, result.output
     info = probe(out)
     # 10 -> 8 frames (valid lengths are 1 or multiples of 4 >= 8); 36 px short side -> cropped to 32, 16:9 -> 64
     assert (info.num_frames, info.height, info.width) == (8, 32, 64)
-    bad = CliRunner().invoke(app, ["vae", "reconstruct", str(SAMPLES / "trailer_bbb.mp4"), str(out),
-                                   "--model", str(tmp_path / "nope")])
+    bad = CliRunner().invoke(
+        app, ["vae", "reconstruct", str(SAMPLES / "trailer_bbb.mp4"), str(out), "--model", str(tmp_path / "nope")]
+    )
     assert bad.exit_code == 2 and "not a saved VAE" in bad.output
 
 

@@ -19,7 +19,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from easyanimate.config import parse_aspect_ratio
 

@@ -82,16 +82,25 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
-def _base(source: str, source_hash: str, start: float, end: float, info: VideoInfo | None,
-          score_columns: list[str]) -> dict:
+def _base(
+    source: str, source_hash: str, start: float, end: float, info: VideoInfo | None, score_columns: list[str]
+) -> dict:
     return {
-        "clip_id": mf.make_clip_id(source_hash, start, end), "source": source,
+        "clip_id": mf.make_clip_id(source_hash, start, end),
+        "source": source,
         "scene_id": mf.make_clip_id(source_hash, start, end),
-        "start_s": float(start), "end_s": float(end), "duration_s": round(float(end - start), 3),
-        "width": info.width if info else None, "height": info.height if info else None,
+        "start_s": float(start),
+        "end_s": float(end),
+        "duration_s": round(float(end - start), 3),
+        "width": info.width if info else None,
+        "height": info.height if info else None,
         "fps": info.fps if info else None,
         **{col: None for col in score_columns},
-        "caption": None, "status": "accepted", "reject_reason": None, "clip_path": None, "split": None,
+        "caption": None,
+        "status": "accepted",
+        "reject_reason": None,
+        "clip_path": None,
+        "split": None,
     }
 
 
@@ -229,8 +238,14 @@ class Curator:
             evaluated[(plan.start_s, plan.end_s)] = rec
 
         try:
-            scenes, _ = scan_video(video_path, info, self.settings.curate.scenes, size,
-                                   times_for=lambda plan: self.samples(plan, info).times(), on_clip=evaluate)
+            scenes, _ = scan_video(
+                video_path,
+                info,
+                self.settings.curate.scenes,
+                size,
+                times_for=lambda plan: self.samples(plan, info).times(),
+                on_clip=evaluate,
+            )
         except VideoError as exc:
             rec = _base(name, source_hash, 0.0, round(info.duration_s, 3), info, cols)
             rec.update(status="quarantined", reject_reason=exc.reason)
@@ -293,9 +308,15 @@ class Curator:
         t0 = time.perf_counter()
         records = self._curate_uncached(video_path, source_hash, out_dir)
         _atomic_json(
-            {"version": RECORD_VERSION, "source": video_path.name, "source_hash": source_hash,
-             "settings_hash": settings_hash(settings), "captioner": fingerprint,
-             "seconds": round(time.perf_counter() - t0, 3), "records": records},
+            {
+                "version": RECORD_VERSION,
+                "source": video_path.name,
+                "source_hash": source_hash,
+                "settings_hash": settings_hash(settings),
+                "captioner": fingerprint,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "records": records,
+            },
             rpath,
         )
         return records
@@ -324,13 +345,20 @@ def _load_cached(path: Path, out_dir: Path, fingerprint: str | None) -> list[dic
     return records
 
 
-def analyse_video(video_path: Path, source_hash: str, settings: Settings, captioner: Captioner | None = None) -> list[dict]:
+def analyse_video(
+    video_path: Path, source_hash: str, settings: Settings, captioner: Captioner | None = None
+) -> list[dict]:
     """One video's records without cutting clips (a throwaway Curator: models load for this call)."""
     return Curator(settings, captioner).analyse(Path(video_path), source_hash)
 
 
-def curate_video(video_path: str | Path, settings: Settings, out_dir: str | Path, captioner: Captioner | None = None,
-                 curator: Curator | None = None) -> list[dict]:
+def curate_video(
+    video_path: str | Path,
+    settings: Settings,
+    out_dir: str | Path,
+    captioner: Captioner | None = None,
+    curator: Curator | None = None,
+) -> list[dict]:
     """Curate one source video with ``curator`` (or a fresh one: pass a Curator when curating several)."""
     return (curator or Curator(settings, captioner)).curate(video_path, out_dir)
 
@@ -351,7 +379,9 @@ def list_videos(input_dir: str | Path, settings: Settings) -> list[Path]:
     return sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in exts)
 
 
-def curate_dataset(input_dir: str | Path, out_dir: str | Path, settings: Settings, progress: bool = True) -> pd.DataFrame:
+def curate_dataset(
+    input_dir: str | Path, out_dir: str | Path, settings: Settings, progress: bool = True
+) -> pd.DataFrame:
     """Sequential loop over ``input_dir`` with one Curator; writes ``out_dir/manifest.parquet`` and returns it."""
     from rich.progress import Progress
 
@@ -427,9 +457,13 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
         write_reports(Path(ctx.report_dir), metrics)
 
     accepted = int((df["status"] == "accepted").sum())
-    tables = {"curate-reject-reasons": ("clips per reject/quarantine reason",
-                                        reasons or [{"status": "-", "reject_reason": "-", "clips": 0}]),
-              "curate-manifest": ("every clip with its scores and reason", manifest_table(df, filters))}
+    tables = {
+        "curate-reject-reasons": (
+            "clips per reject/quarantine reason",
+            reasons or [{"status": "-", "reject_reason": "-", "clips": 0}],
+        ),
+        "curate-manifest": ("every clip with its scores and reason", manifest_table(df, filters)),
+    }
     if hist:
         names = ", ".join(dict.fromkeys(row["score"] for row in hist))
         tables["curate-score-histograms"] = (f"{HISTOGRAM_BINS}-bin histograms of {names}", hist)
@@ -450,8 +484,14 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
         failure = "curated data failed the quality gate:\n" + report
     artifacts = [manifest, out_dir / "gate.json", *([gate.report_dir] if gate.report_dir else []), summary_dir]
     return StageResult(
-        name="curate", metrics=metrics, outputs={"curated": out_dir}, artifacts=artifacts,
-        info={"manifest": str(manifest), "accepted": accepted}, tables=tables, markdown=markdown, links=links,
+        name="curate",
+        metrics=metrics,
+        outputs={"curated": out_dir},
+        artifacts=artifacts,
+        info={"manifest": str(manifest), "accepted": accepted},
+        tables=tables,
+        markdown=markdown,
+        links=links,
         failure=failure,
     )
 

@@ -110,8 +110,15 @@ class ClipSampler:
     that lets a convolutional VAE learn from a handful of clips without memorising them.
     """
 
-    def __init__(self, clips: list[ClipFrames], num_frames: int, image_ratio: float, seed: int,
-                 crop_size: int | None = None, hflip: bool = False):
+    def __init__(
+        self,
+        clips: list[ClipFrames],
+        num_frames: int,
+        image_ratio: float,
+        seed: int,
+        crop_size: int | None = None,
+        hflip: bool = False,
+    ):
         if not clips:
             raise ValueError("no training clips: the curated manifest has no accepted clips for this split")
         if crop_size is not None:

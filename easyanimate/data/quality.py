@@ -61,7 +61,8 @@ def _expectations(settings: Settings, filters) -> list:
     exps = [
         E.ExpectColumnValuesToBeUnique(column="clip_id"),
         E.ExpectColumnValuesToBeBetween(
-            column="duration_s", min_value=c.scenes.min_duration_s - _DURATION_TOL_S,
+            column="duration_s",
+            min_value=c.scenes.min_duration_s - _DURATION_TOL_S,
             max_value=c.scenes.max_duration_s + _DURATION_TOL_S,
         ),
         E.ExpectColumnValuesToBeBetween(column="width", min_value=c.probe.min_width),
@@ -102,8 +103,12 @@ def _plain(acc: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_quality_gate(
-    df: pd.DataFrame, settings: Settings, out_dir: str | Path, clips_dir: str | Path | None = None,
-    report_dir: str | Path | None = None, filters=None,
+    df: pd.DataFrame,
+    settings: Settings,
+    out_dir: str | Path,
+    clips_dir: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    filters=None,
 ) -> GateResult:
     """Validate accepted rows; ``clip_path`` is resolved under ``clips_dir`` (default: ``out_dir``).
 
@@ -138,17 +143,24 @@ def run_quality_gate(
             ctx.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
         except Exception:  # cosmetic only
             pass
-        batch_def = ctx.data_sources.add_pandas("manifest").add_dataframe_asset("accepted") \
+        batch_def = (
+            ctx.data_sources.add_pandas("manifest")
+            .add_dataframe_asset("accepted")
             .add_batch_definition_whole_dataframe("all")
+        )
         suite = ctx.suites.add(gx.ExpectationSuite(name="curated_clips"))
         for exp in _expectations(settings, filters):
             suite.add_expectation(exp)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="accepted_clips", data=batch_def, suite=suite))
         actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if report_dir is not None else []
-        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-            name="curation_gate", validation_definitions=[vd], actions=actions,
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["clip_id"]},
-        ))
+        checkpoint = ctx.checkpoints.add(
+            gx.Checkpoint(
+                name="curation_gate",
+                validation_definitions=[vd],
+                actions=actions,
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["clip_id"]},
+            )
+        )
         run = checkpoint.run(batch_parameters={"dataframe": acc})
         failures = [d for vr in run.run_results.values() for er in vr.results if (d := _describe(er))]
         site = Path(root) / "gx" / "uncommitted" / "data_docs" / "local_site"

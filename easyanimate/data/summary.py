@@ -49,8 +49,10 @@ def score_histograms(df: pd.DataFrame, filters) -> list[dict]:
         if not len(values):
             continue
         counts, edges = np.histogram(values, bins=HISTOGRAM_BINS)
-        rows += [{"score": column, "bin_low": round(float(lo), 6), "bin_high": round(float(hi), 6), "clips": int(n)}
-                 for lo, hi, n in zip(edges[:-1], edges[1:], counts)]
+        rows += [
+            {"score": column, "bin_low": round(float(lo), 6), "bin_high": round(float(hi), 6), "clips": int(n)}
+            for lo, hi, n in zip(edges[:-1], edges[1:], counts)
+        ]
     return rows
 
 
@@ -65,8 +67,10 @@ def write_summary(summary_dir: Path, reasons: list[dict], hist: list[dict]) -> P
     """``reject_reasons.csv`` and ``score_histograms.csv`` (deterministic: they live beside the manifest)."""
     summary_dir = Path(summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(reasons, columns=["status", "reject_reason", "clips"]).to_csv(summary_dir / "reject_reasons.csv",
-                                                                             index=False)
-    pd.DataFrame(hist, columns=["score", "bin_low", "bin_high", "clips"]).to_csv(summary_dir / "score_histograms.csv",
-                                                                               index=False)
+    pd.DataFrame(reasons, columns=["status", "reject_reason", "clips"]).to_csv(
+        summary_dir / "reject_reasons.csv", index=False
+    )
+    pd.DataFrame(hist, columns=["score", "bin_low", "bin_high", "clips"]).to_csv(
+        summary_dir / "score_histograms.csv", index=False
+    )
     return summary_dir

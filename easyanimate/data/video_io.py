@@ -203,8 +203,15 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float, crf: int = 22,
         if h % 2 or w % 2:
             frames = frames[:, : h - h % 2, : w - w % 2]
         writer = imageio.get_writer(
-            str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264", macro_block_size=1,
-            pixelformat="yuv420p", output_params=["-crf", str(crf), "-preset", preset], ffmpeg_log_level="error",
+            str(tmp),
+            format="FFMPEG",
+            mode="I",
+            fps=fps,
+            codec="libx264",
+            macro_block_size=1,
+            pixelformat="yuv420p",
+            output_params=["-crf", str(crf), "-preset", preset],
+            ffmpeg_log_level="error",
         )
         try:
             for f in frames:
@@ -233,10 +240,30 @@ def cut_clip(src: str | Path, dst: str | Path, start_s: float, end_s: float, enc
     tmp = _tmp_sibling(dst)
     pre = max(0.0, start_s - 2.0)
     cmd = [
-        ffmpeg_exe(), "-y", "-v", "error", "-ss", f"{pre:.3f}", "-i", str(src),
-        "-ss", f"{start_s - pre:.3f}", "-t", f"{end_s - start_s:.3f}",
-        "-an", "-c:v", encode_cfg.codec, "-crf", str(encode_cfg.crf), "-preset", encode_cfg.preset,
-        "-pix_fmt", "yuv420p", "-f", "mp4", str(tmp),
+        ffmpeg_exe(),
+        "-y",
+        "-v",
+        "error",
+        "-ss",
+        f"{pre:.3f}",
+        "-i",
+        str(src),
+        "-ss",
+        f"{start_s - pre:.3f}",
+        "-t",
+        f"{end_s - start_s:.3f}",
+        "-an",
+        "-c:v",
+        encode_cfg.codec,
+        "-crf",
+        str(encode_cfg.crf),
+        "-preset",
+        encode_cfg.preset,
+        "-pix_fmt",
+        "yuv420p",
+        "-f",
+        "mp4",
+        str(tmp),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)

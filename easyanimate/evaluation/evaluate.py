@@ -19,8 +19,16 @@ from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_
 
 # Every setting that changes the metric values (not the gate thresholds): metrics computed under a
 # different protocol are not comparable, so promotion re-evaluates instead of comparing them.
-PROTOCOL_SETTINGS = ("evaluate.val_timesteps", "evaluate.seed", "evaluate.retrieval_max_captions", "generate", "dit.num_train_timesteps",
-                     "dit.beta_schedule", "dit.model.max_text_tokens", "vae.stage1.sample_fps")
+PROTOCOL_SETTINGS = (
+    "evaluate.val_timesteps",
+    "evaluate.seed",
+    "evaluate.retrieval_max_captions",
+    "generate",
+    "dit.num_train_timesteps",
+    "dit.beta_schedule",
+    "dit.model.max_text_tokens",
+    "vae.stage1.sample_fps",
+)
 
 
 @dataclass
@@ -45,7 +53,9 @@ def assemble_pipeline(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir:
     from easyanimate.pipelines import EasyAnimatePipeline
     from easyanimate.schedulers import make_inference_scheduler
 
-    tokenizer, text_encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
+    tokenizer, text_encoder = load_text_encoder(
+        resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder")
+    )
     pipe = EasyAnimatePipeline(
         vae=SliceVAE.from_pretrained(vae_dir),
         transformer=EasyAnimateTransformer3DModel.from_pretrained(dit_dir),
@@ -79,9 +89,9 @@ def vae_reconstruction_metrics(vae, clips, num_frames: int) -> dict[str, float]:
 @torch.no_grad()
 def dit_validation_loss(settings: Settings, pipe, clips, num_frames: int) -> dict[str, float]:
     """Loss at fixed timesteps with fixed noise: deterministic, so versions compare fairly."""
+    from easyanimate.models.text_encoder import encode_prompts
     from easyanimate.schedulers import make_train_scheduler
     from easyanimate.training.dit import LatentBank, TextBank, diffusion_loss, encode_windows
-    from easyanimate.models.text_encoder import encode_prompts
 
     captions = [""] + sorted({c.caption for c in clips if c.caption})
     hidden, mask = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions, settings.dit.model.max_text_tokens)
@@ -96,8 +106,17 @@ def dit_validation_loss(settings: Settings, pipe, clips, num_frames: int) -> dic
     for t in settings.evaluate.val_timesteps:
         generator = torch.Generator().manual_seed(settings.evaluate.seed + t)
         timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
-        loss = float(diffusion_loss(model, scheduler, latents, text.hidden[bank.caption_ids],
-                                    text.mask[bank.caption_ids], generator, timesteps))
+        loss = float(
+            diffusion_loss(
+                model,
+                scheduler,
+                latents,
+                text.hidden[bank.caption_ids],
+                text.mask[bank.caption_ids],
+                generator,
+                timesteps,
+            )
+        )
         metrics[f"eval/val_loss_t{t}"] = loss
         losses.append(loss)
     metrics["eval/val_loss"] = float(np.mean(losses))
@@ -111,9 +130,18 @@ def generate_samples(settings: Settings, pipe, out_dir: Path) -> tuple[dict[str,
     flickers, paths = [], []
     for i, prompt in enumerate(g.prompts):
         generator = torch.Generator().manual_seed(g.seed + i)
-        frames = pipe(prompt, negative_prompt=g.negative_prompt or None, num_frames=g.num_frames, height=g.height,
-                      width=g.width, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
-                      generator=generator, output_type="np", max_text_tokens=settings.dit.model.max_text_tokens).frames[0]
+        frames = pipe(
+            prompt,
+            negative_prompt=g.negative_prompt or None,
+            num_frames=g.num_frames,
+            height=g.height,
+            width=g.width,
+            num_inference_steps=g.num_inference_steps,
+            guidance_scale=g.guidance_scale,
+            generator=generator,
+            output_type="np",
+            max_text_tokens=settings.dit.model.max_text_tokens,
+        ).frames[0]
         mp4 = out_dir / "samples" / f"sample_{i}.mp4"
         write_video(frames, mp4, fps=g.fps)
         gif = mp4.with_suffix(".gif")
@@ -143,8 +171,13 @@ def _caption_retrieval(settings: Settings, pipe, curated_dir: Path, skipped: dic
     if settings.evaluate.retrieval_max_captions == 0:
         skipped["caption_retrieval"] = "off: evaluate.retrieval_max_captions is 0"
         return None
-    clips = [c for c in load_clip_frames(curated_dir, "train", g.height, settings.vae.stage1.sample_fps,
-                                         buckets=generation_geometry(settings)) if c.frames.shape[0] >= g.num_frames]
+    clips = [
+        c
+        for c in load_clip_frames(
+            curated_dir, "train", g.height, settings.vae.stage1.sample_fps, buckets=generation_geometry(settings)
+        )
+        if c.frames.shape[0] >= g.num_frames
+    ]
     if len({c.caption for c in clips if c.caption}) < 2:
         skipped["caption_retrieval"] = "skipped: fewer than 2 distinct captions among the training clips"
         return None
@@ -164,8 +197,13 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
     torch.manual_seed(settings.evaluate.seed)
     pipe = EasyAnimatePipeline.from_pretrained(pipeline_dir)
     num_frames = settings.generate.num_frames
-    clips = load_clip_frames(curated_dir, "val", settings.generate.height, settings.vae.stage1.sample_fps,
-                             buckets=generation_geometry(settings))
+    clips = load_clip_frames(
+        curated_dir,
+        "val",
+        settings.generate.height,
+        settings.vae.stage1.sample_fps,
+        buckets=generation_geometry(settings),
+    )
     metrics: dict[str, float] = {}
     reasons: list[str] = []
     skipped = {
@@ -194,16 +232,21 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
     if "eval/val_loss" in metrics and metrics["eval/val_loss"] > e.max_val_loss:
         reasons.append(f"eval/val_loss {metrics['eval/val_loss']:.4f} > evaluate.max_val_loss {e.max_val_loss}")
     if "eval/caption_retrieval" in metrics and metrics["eval/caption_retrieval"] < e.min_caption_retrieval:
-        reasons.append(f"eval/caption_retrieval {metrics['eval/caption_retrieval']:.2f} < "
-                       f"evaluate.min_caption_retrieval {e.min_caption_retrieval}")
+        reasons.append(
+            f"eval/caption_retrieval {metrics['eval/caption_retrieval']:.2f} < "
+            f"evaluate.min_caption_retrieval {e.min_caption_retrieval}"
+        )
     if metrics["eval/flicker"] > e.max_flicker:
         reasons.append(f"eval/flicker {metrics['eval/flicker']:.4f} > evaluate.max_flicker {e.max_flicker}")
     metrics["eval/passed"] = float(not reasons)
 
     out_dir = Path(out_dir)
-    context = {"data_dvc_hash": dvc_hash(curated_dir), "protocol_hash": evaluation_protocol_hash(settings),
-               "latent_space": pipe.vae.latent_space_id(),
-               "val_clip_ids": sorted(c.clip_id for c in clips)}
+    context = {
+        "data_dvc_hash": dvc_hash(curated_dir),
+        "protocol_hash": evaluation_protocol_hash(settings),
+        "latent_space": pipe.vae.latent_space_id(),
+        "val_clip_ids": sorted(c.clip_id for c in clips),
+    }
     if retrieval is not None:
         context["caption_retrieval"] = retrieval.table()
     atomic_write_json(out_dir / "eval_context.json", context)
@@ -221,17 +264,26 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
     assemble_pipeline(settings, settings.paths.vae_stage2, settings.paths.dit_stage3, settings.paths.pipeline)
     report = evaluate_pipeline(settings, settings.paths.pipeline, settings.paths.curated, ctx.report_dir)
     write_reports(ctx.report_dir, report.metrics)
-    atomic_write_json(ctx.report_dir / "gate.json",
-                      {"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped})
+    atomic_write_json(
+        ctx.report_dir / "gate.json", {"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped}
+    )
     samples = [str(p) for p in report.artifacts if "samples" in str(p)]
     markdown = evaluation_markdown(report.metrics, report.passed, report.reasons, report.skipped, samples)
     if ctx.run_id:
         markdown += f"\nMLflow artifacts: `runs:/{ctx.run_id}/evaluate`"
-    tags = {"eval_passed": str(report.passed), "eval_reasons": "; ".join(report.reasons) or "all gates passed",
-            "eval_protocol_hash": report.context.get("protocol_hash", ""),
-            "eval_num_val_clips": str(len(report.context.get("val_clip_ids", []))),
-            **{f"skipped.{k}": v for k, v in report.skipped.items()}}
-    return StageResult("evaluate", report.metrics, {"pipeline": settings.paths.pipeline}, report.artifacts,
-                       info={"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped,
-                             "samples": samples},
-                       tags=tags, markdown={"evaluation": ("held-out metrics, gate and samples", markdown)})
+    tags = {
+        "eval_passed": str(report.passed),
+        "eval_reasons": "; ".join(report.reasons) or "all gates passed",
+        "eval_protocol_hash": report.context.get("protocol_hash", ""),
+        "eval_num_val_clips": str(len(report.context.get("val_clip_ids", []))),
+        **{f"skipped.{k}": v for k, v in report.skipped.items()},
+    }
+    return StageResult(
+        "evaluate",
+        report.metrics,
+        {"pipeline": settings.paths.pipeline},
+        report.artifacts,
+        info={"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped, "samples": samples},
+        tags=tags,
+        markdown={"evaluation": ("held-out metrics, gate and samples", markdown)},
+    )

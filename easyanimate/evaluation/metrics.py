@@ -14,10 +14,14 @@ def ssim(reference: np.ndarray, test: np.ndarray) -> float:
     """Mean per-frame SSIM (frames are tiny in the tiny preset, so the window shrinks to fit)."""
     side = min(reference.shape[1], reference.shape[2])
     window = min(7, side if side % 2 else side - 1)
-    return float(np.mean([
-        structural_similarity(r, t, channel_axis=-1, data_range=255, win_size=window)
-        for r, t in zip(reference, test)
-    ]))
+    return float(
+        np.mean(
+            [
+                structural_similarity(r, t, channel_axis=-1, data_range=255, win_size=window)
+                for r, t in zip(reference, test)
+            ]
+        )
+    )
 
 
 def flicker(frames: np.ndarray) -> float:

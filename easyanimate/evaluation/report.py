@@ -24,23 +24,42 @@ def _gif_links(samples: Sequence[str | Path], relative_to: Path | None) -> str:
     return "\n".join(lines)
 
 
-def evaluation_markdown(metrics: dict[str, float], passed: bool, reasons: Sequence[str], skipped: dict[str, str],
-                        samples: Sequence[str | Path], relative_to: Path | None = None) -> str:
+def evaluation_markdown(
+    metrics: dict[str, float],
+    passed: bool,
+    reasons: Sequence[str],
+    skipped: dict[str, str],
+    samples: Sequence[str | Path],
+    relative_to: Path | None = None,
+) -> str:
     verdict = "PASSED" if passed else "FAILED: " + "; ".join(reasons)
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()))
     not_computed = "\n".join(f"- {k}: {v}" for k, v in skipped.items()) or "- nothing"
-    return (f"## Evaluation {verdict}\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-            f"### Not computed\n{not_computed}\n\n### Samples\n{_gif_links(samples, relative_to)}\n")
+    return (
+        f"## Evaluation {verdict}\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        f"### Not computed\n{not_computed}\n\n### Samples\n{_gif_links(samples, relative_to)}\n"
+    )
 
 
-def promotion_markdown(decision: Decision, challenger: Candidate, champion: Candidate | None, champion_source: str,
-                       samples: Sequence[str | Path] = (), dry_run: bool = False) -> str:
+def promotion_markdown(
+    decision: Decision,
+    challenger: Candidate,
+    champion: Candidate | None,
+    champion_source: str,
+    samples: Sequence[str | Path] = (),
+    dry_run: bool = False,
+) -> str:
     """Comparison table of every metric either side has; rule metrics show their gain and tolerance."""
     title = f"## Promotion of v{challenger.version}: {decision.label.upper()}" + (" (dry run)" if dry_run else "")
-    head = [title, "", f"**Reason:** {decision.reason}", "",
-            f"- data gate: {challenger.data_gate_passed}; evaluation gate: {challenger.eval_gate_passed}"
-            + (f" ({challenger.eval_reasons})" if challenger.eval_reasons else ""),
-            f"- held-out data (DVC hash): `{challenger.data_hash}`; evaluation protocol: `{challenger.protocol_hash}`"]
+    head = [
+        title,
+        "",
+        f"**Reason:** {decision.reason}",
+        "",
+        f"- data gate: {challenger.data_gate_passed}; evaluation gate: {challenger.eval_gate_passed}"
+        + (f" ({challenger.eval_reasons})" if challenger.eval_reasons else ""),
+        f"- held-out data (DVC hash): `{challenger.data_hash}`; evaluation protocol: `{challenger.protocol_hash}`",
+    ]
     if champion is None:
         head.append(f"- champion: {champion_source}")
         table = ["| metric | challenger |", "|---|---|"]
@@ -48,19 +67,26 @@ def promotion_markdown(decision: Decision, challenger: Candidate, champion: Cand
     else:
         head.append(f"- champion v{champion.version} metrics: {champion_source}")
         by_metric = {c.metric: c for c in decision.comparisons}
-        table = [f"| metric | challenger v{challenger.version} | champion v{champion.version} | gain | tolerance | ok |",
-                 "|---|---|---|---|---|---|"]
+        table = [
+            f"| metric | challenger v{challenger.version} | champion v{champion.version} | gain | tolerance | ok |",
+            "|---|---|---|---|---|---|",
+        ]
         for key in sorted(set(challenger.metrics) | set(champion.metrics)):
             row = by_metric.get(key)
             if row is None:
-                table.append(f"| {key} | {_fmt(challenger.metrics.get(key))} | {_fmt(champion.metrics.get(key))} | | | |")
+                table.append(
+                    f"| {key} | {_fmt(challenger.metrics.get(key))} | {_fmt(champion.metrics.get(key))} | | | |"
+                )
                 continue
             if not row.comparable:
-                table.append(f"| {key} | {_fmt(row.challenger)} | {_fmt(row.champion)} | | | not compared: "
-                             f"different VAE latent spaces |")
+                table.append(
+                    f"| {key} | {_fmt(row.challenger)} | {_fmt(row.champion)} | | | not compared: "
+                    f"different VAE latent spaces |"
+                )
                 continue
             ok = ("improved" if row.improved else "within") if row.within_tolerance else "WORSE"
             tolerance = f"{row.tolerance:g} (registry.promotion.{rule_for(key).tolerance_setting})"
-            table.append(f"| **{key}** | {_fmt(row.challenger)} | {_fmt(row.champion)} | {_fmt(row.gain)} | "
-                         f"{tolerance} | {ok} |")
+            table.append(
+                f"| **{key}** | {_fmt(row.challenger)} | {_fmt(row.champion)} | {_fmt(row.gain)} | {tolerance} | {ok} |"
+            )
     return "\n".join(head + ["", *table, "", "### Challenger samples", _gif_links(samples, None), ""])

@@ -43,8 +43,15 @@ class RetrievalResult:
         rows = []
         for caption, row, own, hit in zip(self.captions, self.distances, self.own, self.hits):
             nearest = int(np.argmin(row))
-            rows.append({"caption": caption, "hit": hit, "own_mse": float(min(row[j] for j in own)),
-                         "nearest_clip": self.clip_ids[nearest], "nearest_mse": float(row[nearest])})
+            rows.append(
+                {
+                    "caption": caption,
+                    "hit": hit,
+                    "own_mse": float(min(row[j] for j in own)),
+                    "nearest_clip": self.clip_ids[nearest],
+                    "nearest_mse": float(row[nearest]),
+                }
+            )
         return rows
 
 
@@ -77,10 +84,18 @@ def caption_retrieval(settings: Settings, pipe, clips: list[ClipFrames]) -> Retr
     distances = np.zeros((len(captions), len(clips)))
     for i, caption in enumerate(captions):
         generator = torch.Generator().manual_seed(settings.evaluate.seed + i)
-        latents = pipe(caption, negative_prompt=g.negative_prompt or None, num_frames=g.num_frames, height=g.height,
-                       width=g.width, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
-                       generator=generator, output_type="latent",
-                       max_text_tokens=settings.dit.model.max_text_tokens).frames[0]
+        latents = pipe(
+            caption,
+            negative_prompt=g.negative_prompt or None,
+            num_frames=g.num_frames,
+            height=g.height,
+            width=g.width,
+            num_inference_steps=g.num_inference_steps,
+            guidance_scale=g.guidance_scale,
+            generator=generator,
+            output_type="latent",
+            max_text_tokens=settings.dit.model.max_text_tokens,
+        ).frames[0]
         for j, windows in enumerate(targets):
             mse = ((windows - latents.unsqueeze(0).to(windows.dtype)) ** 2).flatten(1).mean(1)
             distances[i, j] = float(mse.min())

@@ -29,9 +29,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int)
     """Encode prompts to ``(hidden (B, L, D), mask (B, L))`` with L = max_length (padded and truncated)."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    tokens = tokenizer(
-        list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     device = next(text_encoder.parameters()).device
     input_ids = tokens.input_ids.to(device)
     mask = tokens.attention_mask.to(device)

@@ -20,8 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from easyanimate.models.dit.transformer import EasyAnimateTransformer3DModel  # noqa: F401
 from easyanimate.models.text_encoder import encode_prompts
 from easyanimate.models.vae.slice_vae import SliceVAE  # noqa: F401
-from easyanimate.utils import atomic_write_bytes
 from easyanimate.schedulers import SCHEDULERS, make_scheduler  # noqa: F401  (re-exported)
+from easyanimate.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +191,15 @@ class EasyAnimatePipeline(DiffusionPipeline):
                 self.register_to_config(**{name: fixed})
 
     # -------------------------------------------------------------- checks
-    def check_inputs(self, prompt, negative_prompt=None, num_frames: int = 8, height: int = 64, width: int = 64,
-                     output_type: str = "np") -> None:
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt=None,
+        num_frames: int = 8,
+        height: int = 64,
+        width: int = 64,
+        output_type: str = "np",
+    ) -> None:
         """Raise ``ValueError`` naming the bad argument, without generating (servers validate requests with it)."""
         self._check_inputs(prompt, negative_prompt, num_frames, height, width, output_type)
 
@@ -245,8 +252,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
         list) and the result holds the paths. Memory: see ``enable_vae_slicing`` and
         ``enable_idle_component_offload``.
         """
-        prompts, negatives = self._check_inputs(prompt, negative_prompt, num_frames, height, width, output_type,
-                                                output_path)
+        prompts, negatives = self._check_inputs(
+            prompt, negative_prompt, num_frames, height, width, output_type, output_path
+        )
         device = self._execution_device
         dtype = self.transformer.dtype
         batch = len(prompts)
@@ -259,8 +267,13 @@ class EasyAnimatePipeline(DiffusionPipeline):
         text, mask = text.to(device, dtype), mask.to(device)
 
         s = self.vae.spatial_compression
-        shape = (batch, self.transformer.config.in_channels, self.vae.latent_num_frames(num_frames),
-                 height // s, width // s)
+        shape = (
+            batch,
+            self.transformer.config.in_channels,
+            self.vae.latent_num_frames(num_frames),
+            height // s,
+            width // s,
+        )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
@@ -271,14 +284,14 @@ class EasyAnimatePipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         # Only stochastic schedulers (DDIM, Euler-a, DPM++ SDE) take a generator.
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
 
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
-            eps = self.transformer(
-                model_in, t.expand(model_in.shape[0]), text, encoder_attention_mask=mask
-            ).sample
+            eps = self.transformer(model_in, t.expand(model_in.shape[0]), text, encoder_attention_mask=mask).sample
             if do_cfg:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -300,8 +313,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
         return EasyAnimatePipelineOutput(frames=frames)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
-        video = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
-                                use_slicing=self.vae_slicing).sample
+        video = self.vae.decode(
+            latents.to(self.vae.dtype) / self.vae.config.scaling_factor, use_slicing=self.vae_slicing
+        ).sample
         video = (video.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return video

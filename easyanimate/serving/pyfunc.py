@@ -46,8 +46,13 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
     length. Only plain values are stored, so the pickled model does not depend on the config classes.
     """
 
-    def __init__(self, generate=None, max_text_tokens: int | None = None, base_model_uri: str | None = None,
-                 lora_scale: float = 0.0):
+    def __init__(
+        self,
+        generate=None,
+        max_text_tokens: int | None = None,
+        base_model_uri: str | None = None,
+        lora_scale: float = 0.0,
+    ):
         from easyanimate.config import DiTModelConfig, GenerateConfig
 
         self.defaults = (generate or GenerateConfig()).model_dump(mode="json")
@@ -82,9 +87,17 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
         if unknown:
             raise bad_request(f"unknown request field(s) {unknown}; allowed: {list(REQUEST_FIELDS)}")
         d = self.defaults
-        req = {"negative_prompt": d["negative_prompt"], "num_frames": d["num_frames"], "height": d["height"],
-               "width": d["width"], "steps": d["num_inference_steps"], "guidance_scale": d["guidance_scale"],
-               "seed": d["seed"], "fps": d["fps"], "lora_scale": self.lora_scale}
+        req = {
+            "negative_prompt": d["negative_prompt"],
+            "num_frames": d["num_frames"],
+            "height": d["height"],
+            "width": d["width"],
+            "steps": d["num_inference_steps"],
+            "guidance_scale": d["guidance_scale"],
+            "seed": d["seed"],
+            "fps": d["fps"],
+            "lora_scale": self.lora_scale,
+        }
         for key, value in row.items():
             if _missing(value):
                 continue
@@ -107,9 +120,14 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
         prompt = req.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise bad_request("prompt must be a non-empty string")
-        limits = {"height": (1, d["max_side"]), "width": (1, d["max_side"]), "num_frames": (1, d["max_frames"]),
-                  "steps": (1, d["max_inference_steps"]), "fps": (1, math.inf),
-                  "seed": (0, torch_seed_max)}
+        limits = {
+            "height": (1, d["max_side"]),
+            "width": (1, d["max_side"]),
+            "num_frames": (1, d["max_frames"]),
+            "steps": (1, d["max_inference_steps"]),
+            "fps": (1, math.inf),
+            "seed": (0, torch_seed_max),
+        }
         for key, (lo, hi) in limits.items():
             if not lo <= req[key] <= hi:
                 raise bad_request(f"{key}={req[key]} is out of range [{lo}, {hi}]")
@@ -120,8 +138,9 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
         if req["lora_scale"] < 0:
             raise bad_request(f"lora_scale must be >= 0, got {req['lora_scale']}")
         try:  # geometry the VAE and DiT accept (frame counts, size multiples)
-            self.pipe.check_inputs(prompt, req["negative_prompt"] or None, req["num_frames"], req["height"],
-                                   req["width"])
+            self.pipe.check_inputs(
+                prompt, req["negative_prompt"] or None, req["num_frames"], req["height"], req["width"]
+            )
         except ValueError as exc:
             raise bad_request(str(exc)) from None
         return req
@@ -146,12 +165,26 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
                 if self.has_lora:
                     self.pipe.set_lora_scale(req["lora_scale"])
                 video = self.pipe(
-                    req["prompt"], negative_prompt=req["negative_prompt"] or None, num_frames=req["num_frames"],
-                    height=req["height"], width=req["width"], num_inference_steps=req["steps"],
-                    guidance_scale=req["guidance_scale"], generator=torch.Generator().manual_seed(req["seed"]),
-                    output_type="mp4", fps=req["fps"], max_text_tokens=self.max_text_tokens,
+                    req["prompt"],
+                    negative_prompt=req["negative_prompt"] or None,
+                    num_frames=req["num_frames"],
+                    height=req["height"],
+                    width=req["width"],
+                    num_inference_steps=req["steps"],
+                    guidance_scale=req["guidance_scale"],
+                    generator=torch.Generator().manual_seed(req["seed"]),
+                    output_type="mp4",
+                    fps=req["fps"],
+                    max_text_tokens=self.max_text_tokens,
                 ).frames[0]
-                out.append({"video_mp4_base64": base64.b64encode(video).decode("ascii"),
-                            "num_frames": req["num_frames"], "height": req["height"], "width": req["width"],
-                            "fps": req["fps"], "seed": req["seed"]})
+                out.append(
+                    {
+                        "video_mp4_base64": base64.b64encode(video).decode("ascii"),
+                        "num_frames": req["num_frames"],
+                        "height": req["height"],
+                        "width": req["width"],
+                        "fps": req["fps"],
+                        "seed": req["seed"],
+                    }
+                )
         return pd.DataFrame(out)

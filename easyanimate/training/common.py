@@ -21,8 +21,8 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
 
 from easyanimate.config import TrainStageConfig
 
@@ -88,8 +88,9 @@ def _load_ema(ema: EMAModel, folder: Path) -> None:
     ema.optimization_step = int(tensors["optimization_step"].item())
 
 
-def _save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int, losses: list[float], keep: int,
-                     ema: EMAModel | None = None) -> None:
+def _save_checkpoint(
+    accelerator: Accelerator, ckpt_dir: Path, step: int, losses: list[float], keep: int, ema: EMAModel | None = None
+) -> None:
     """Every rank calls this (DeepSpeed/FSDP shard their state); only the main rank commits."""
     final = ckpt_dir / f"checkpoint-{step:07d}"
     tmp = ckpt_dir / f".checkpoint-{step:07d}.tmp"
@@ -156,8 +157,11 @@ def train_loop(
     model.train()
     began = time.perf_counter()
     progress = Progress(
-        TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
-        TimeRemainingColumn(), disable=not show_progress or not accelerator.is_main_process,
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        disable=not show_progress or not accelerator.is_main_process,
     )
     with progress:
         bar = progress.add_task(name, total=cfg.steps, completed=start, loss="-")
@@ -216,6 +220,8 @@ def config_mismatches(component_dir: Path, fresh_config: dict, section: str, ign
         if key.startswith("_") or key not in saved or key in ignored:
             continue
         if json.loads(json.dumps(want)) != saved[key]:
-            problems.append(f"{section}: {component_dir.name}.{key} is {saved[key]!r} in {component_dir.parent.name}, "
-                            f"settings give {want!r}")
+            problems.append(
+                f"{section}: {component_dir.name}.{key} is {saved[key]!r} in {component_dir.parent.name}, "
+                f"settings give {want!r}"
+            )
     return problems

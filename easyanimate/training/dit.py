@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +20,10 @@ from accelerate.tracking import GeneralTracker
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from easyanimate.config import Settings, resolve_weight_path
-from easyanimate.config import BucketConfig
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+
+from easyanimate.config import BucketConfig, Settings, resolve_weight_path
 from easyanimate.data.buckets import BucketTable, draw_batch, frame_bucket, frame_buckets_for, group_indices
 from easyanimate.data.datasets import ClipFrames, load_clip_frames, to_model_range
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
@@ -62,7 +63,9 @@ class TextBank:
 
     @classmethod
     def build(cls, settings: Settings, captions: Sequence[str]) -> "TextBank":
-        tokenizer, encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
+        tokenizer, encoder = load_text_encoder(
+            resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder")
+        )
         unique = [""] + sorted({c for c in captions if c})
         hidden, mask = encode_prompts(tokenizer, encoder, unique, settings.dit.model.max_text_tokens)
         return cls(unique, hidden, mask)
@@ -96,8 +99,9 @@ def latent_multiple(vae: SliceVAE, model_config) -> int:
     return vae.spatial_compression * model_config["patch_size"] * grid
 
 
-def bucket_geometry(buckets: BucketConfig, resolution: int, num_frames: int, multiple: int, setting: str
-                    ) -> tuple[BucketTable | None, tuple[int, ...] | None]:
+def bucket_geometry(
+    buckets: BucketConfig, resolution: int, num_frames: int, multiple: int, setting: str
+) -> tuple[BucketTable | None, tuple[int, ...] | None]:
     """The stage's size table and video frame buckets, or ``(None, None)`` when buckets are off (square crops)."""
     if not buckets.enabled:
         return None, None
@@ -111,7 +115,12 @@ def bucket_geometry(buckets: BucketConfig, resolution: int, num_frames: int, mul
 
 @torch.no_grad()
 def encode_windows(
-    vae: SliceVAE, clips: Sequence[ClipFrames], num_frames: int, text: TextBank, seed: int, batch: int = 8,
+    vae: SliceVAE,
+    clips: Sequence[ClipFrames],
+    num_frames: int,
+    text: TextBank,
+    seed: int,
+    batch: int = 8,
     frame_buckets: Sequence[int] | None = None,
 ) -> LatentBank:
     """Encode every non-overlapping ``num_frames`` window of every clip once (images: every frame).
@@ -150,8 +159,15 @@ class LatentCache:
     # Bumped when the file layout changes, so old entries are never misread.
     FORMAT = 2
 
-    def __init__(self, root: Path, vae_dir: Path, curated_dir: Path, sampling: tuple, seed: int,
-                 frame_buckets: Sequence[int] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        vae_dir: Path,
+        curated_dir: Path,
+        sampling: tuple,
+        seed: int,
+        frame_buckets: Sequence[int] | None = None,
+    ):
         self.seed = seed
         self.frame_buckets = tuple(frame_buckets) if frame_buckets is not None else None
         digest = hashlib.sha256()
@@ -188,11 +204,19 @@ class LatentCache:
         if len(bank):
             self.dir.mkdir(parents=True, exist_ok=True)
             keys = ["latents." + "x".join(map(str, z.shape)) for z in bank.latents]
-            stacks = {key: torch.stack([z for z, k in zip(bank.latents, keys) if k == key]).contiguous()
-                      for key in dict.fromkeys(keys)}
+            stacks = {
+                key: torch.stack([z for z, k in zip(bank.latents, keys) if k == key]).contiguous()
+                for key in dict.fromkeys(keys)
+            }
             with atomic_file(path) as tmp:
-                save_file(stacks, str(tmp), metadata={
-                    "keys": json.dumps(keys), "captions": json.dumps([text.captions[i] for i in bank.caption_ids])})
+                save_file(
+                    stacks,
+                    str(tmp),
+                    metadata={
+                        "keys": json.dumps(keys),
+                        "captions": json.dumps([text.captions[i] for i in bank.caption_ids]),
+                    },
+                )
             atomic_write_json(self.dir / "clips.json", {"captions": [c.caption for c in clips]})
         return bank
 
@@ -235,10 +259,14 @@ def train_dit(
     vae = SliceVAE.from_pretrained(vae_dir).eval().requires_grad_(False)
     SliceVAE.check_num_frames(cfg.num_frames)
     min_aesthetic = settings.dit.stage3.min_aesthetic if stage == 3 else None
-    model_config = dict(EasyAnimateTransformer3DModel.load_config(init_dir)) if init_dir is not None \
+    model_config = (
+        dict(EasyAnimateTransformer3DModel.load_config(init_dir))
+        if init_dir is not None
         else settings.dit.model.model_dump()
-    table, frame_buckets = bucket_geometry(cfg.buckets, cfg.resolution, cfg.num_frames,
-                                           latent_multiple(vae, model_config), f"dit.stage{stage}.buckets")
+    )
+    table, frame_buckets = bucket_geometry(
+        cfg.buckets, cfg.resolution, cfg.num_frames, latent_multiple(vae, model_config), f"dit.stage{stage}.buckets"
+    )
     sampling = ("train", cfg.resolution, cfg.sample_fps, min_aesthetic)
     if table is not None:
         sampling += (table.sizes,)
@@ -247,8 +275,9 @@ def train_dit(
     if cache.has({1, cfg.num_frames}):
         captions = cache.captions()
     else:
-        clips = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps, min_aesthetic=min_aesthetic,
-                                 buckets=table)
+        clips = load_clip_frames(
+            curated_dir, "train", cfg.resolution, cfg.sample_fps, min_aesthetic=min_aesthetic, buckets=table
+        )
         captions = [c.caption for c in clips]
     if not captions:
         raise ValueError(f"{name}: no training clips (min_aesthetic={min_aesthetic}); relax dit.stage3.min_aesthetic")
@@ -308,18 +337,28 @@ def render_samples(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir: Pa
 
     tokenizer, encoder = load_text_encoder(resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder"))
     pipe = EasyAnimatePipeline(
-        vae=SliceVAE.from_pretrained(vae_dir), transformer=EasyAnimateTransformer3DModel.from_pretrained(dit_dir),
-        text_encoder=encoder, tokenizer=tokenizer,
+        vae=SliceVAE.from_pretrained(vae_dir),
+        transformer=EasyAnimateTransformer3DModel.from_pretrained(dit_dir),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
         scheduler=make_inference_scheduler(settings),
     )
     pipe.set_progress_bar_config(disable=True)
     g = settings.generate
     paths = []
     for i, prompt in enumerate(g.prompts):
-        frames = pipe(prompt, negative_prompt=g.negative_prompt or None, num_frames=g.num_frames, height=g.height,
-                      width=g.width, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
-                      generator=torch.Generator().manual_seed(g.seed + i), output_type="np",
-                      max_text_tokens=settings.dit.model.max_text_tokens).frames[0]
+        frames = pipe(
+            prompt,
+            negative_prompt=g.negative_prompt or None,
+            num_frames=g.num_frames,
+            height=g.height,
+            width=g.width,
+            num_inference_steps=g.num_inference_steps,
+            guidance_scale=g.guidance_scale,
+            generator=torch.Generator().manual_seed(g.seed + i),
+            output_type="np",
+            max_text_tokens=settings.dit.model.max_text_tokens,
+        ).frames[0]
         path = Path(out_dir) / f"sample_{i}.mp4"
         write_video(frames, path, fps=g.fps)
         paths.append(path)
@@ -342,15 +381,28 @@ def run_stage(settings: Settings, ctx: StageContext, stage: int) -> StageResult:
     init = {1: ctx.warm_start, 2: settings.paths.dit_stage1, 3: settings.paths.dit_stage2}[stage]
     if stage == 1 and init is not None and (problems := warm_start_problems(settings, init)):
         raise ValueError("retrain.init_pipeline cannot warm-start these settings:\n  " + "\n  ".join(problems))
-    result = train_dit(settings, stage, settings.paths.curated, settings.paths.vae_stage2, out,
-                       ckpt_dir=ctx.checkpoint_dir, init_dir=init, trackers=ctx.trackers,
-                       show_progress=ctx.show_progress)
+    result = train_dit(
+        settings,
+        stage,
+        settings.paths.curated,
+        settings.paths.vae_stage2,
+        out,
+        ckpt_dir=ctx.checkpoint_dir,
+        init_dir=init,
+        trackers=ctx.trackers,
+        show_progress=ctx.show_progress,
+    )
     metrics = result.metrics(name)
     write_reports(ctx.report_dir, metrics, result.losses)
     samples = render_samples(settings, settings.paths.vae_stage2, out, ctx.report_dir / "samples")
-    return StageResult(name, metrics, {name: out}, [ctx.report_dir / "loss.csv", *samples],
-                       info={"parent": str(init) if init else None},
-                       tags={"parent_checkpoint": str(init)} if init else {})
+    return StageResult(
+        name,
+        metrics,
+        {name: out},
+        [ctx.report_dir / "loss.csv", *samples],
+        info={"parent": str(init) if init else None},
+        tags={"parent_checkpoint": str(init)} if init else {},
+    )
 
 
 def run_stage1(settings: Settings, ctx: StageContext) -> StageResult:

@@ -15,11 +15,12 @@ from peft import LoraConfig
 
 from easyanimate.config import Settings
 from easyanimate.data.buckets import BucketTable, draw_batch
-from easyanimate.data.datasets import center_crop, cover_size
-from easyanimate.data.datasets import ClipFrames, load_clip_frames
+from easyanimate.data.datasets import ClipFrames, center_crop, cover_size, load_clip_frames
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
 from easyanimate.models.vae import SliceVAE
 from easyanimate.pipelines.pipeline_easyanimate import save_transformer_lora
+from easyanimate.schedulers import make_train_scheduler
+from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.training.common import TrainResult, make_accelerator, step_generator, train_loop
 from easyanimate.training.dit import (
     LatentBank,
@@ -29,8 +30,6 @@ from easyanimate.training.dit import (
     encode_windows,
     latent_multiple,
 )
-from easyanimate.schedulers import make_train_scheduler
-from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.utils import atomic_directory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -49,7 +48,10 @@ def _short_side_size(width: int, height: int, resolution: int) -> tuple[int, int
 
 
 def load_style_folder(
-    folder: Path, resolution: int, sample_fps: float, video_suffixes: Sequence[str],
+    folder: Path,
+    resolution: int,
+    sample_fps: float,
+    video_suffixes: Sequence[str],
     buckets: BucketTable | None = None,
 ) -> list[ClipFrames]:
     """Images and/or videos with a caption in ``<name>.txt`` beside each (EasyAnimate's style sets).
@@ -91,13 +93,21 @@ def load_style_folder(
             tensor = _square_crop(frames, resolution)
         items.append(ClipFrames(path.stem, caption, float("nan"), tensor))
     if not items:
-        raise ValueError(f"lora.data_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) "
-                         f"or videos ({', '.join(video_suffixes)})")
+        raise ValueError(
+            f"lora.data_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) "
+            f"or videos ({', '.join(video_suffixes)})"
+        )
     return items
 
 
-def build_latent_banks(vae: SliceVAE, items: Sequence[ClipFrames], num_frames: int, text: TextBank,
-                       seed: int, frame_buckets: Sequence[int] | None = None) -> tuple[LatentBank, LatentBank]:
+def build_latent_banks(
+    vae: SliceVAE,
+    items: Sequence[ClipFrames],
+    num_frames: int,
+    text: TextBank,
+    seed: int,
+    frame_buckets: Sequence[int] | None = None,
+) -> tuple[LatentBank, LatentBank]:
     """``(image bank, video bank)``: single frames of every item, and ``num_frames`` windows of the videos
     (with ``frame_buckets``, shorter videos give windows of the largest bucket they fill).
 
@@ -108,8 +118,9 @@ def build_latent_banks(vae: SliceVAE, items: Sequence[ClipFrames], num_frames: i
     if num_frames == 1:
         return images, LatentBank([], [])
     min_frames = min(frame_buckets) if frame_buckets else num_frames
-    videos = encode_windows(vae, [c for c in items if c.frames.shape[0] >= min_frames], num_frames, text, seed,
-                            frame_buckets=frame_buckets)
+    videos = encode_windows(
+        vae, [c for c in items if c.frames.shape[0] >= min_frames], num_frames, text, seed, frame_buckets=frame_buckets
+    )
     return images, videos
 
 
@@ -127,11 +138,16 @@ def train_lora(
     torch.manual_seed(cfg.seed)
     vae = SliceVAE.from_pretrained(vae_dir).eval().requires_grad_(False)
     table, frame_buckets = bucket_geometry(
-        cfg.buckets, cfg.resolution, cfg.num_frames,
-        latent_multiple(vae, EasyAnimateTransformer3DModel.load_config(dit_dir)), "lora.train.buckets")
+        cfg.buckets,
+        cfg.resolution,
+        cfg.num_frames,
+        latent_multiple(vae, EasyAnimateTransformer3DModel.load_config(dit_dir)),
+        "lora.train.buckets",
+    )
     if settings.lora.data_dir:
-        items = load_style_folder(settings.lora.data_dir, cfg.resolution, cfg.sample_fps,
-                                  settings.curate.video_extensions, buckets=table)
+        items = load_style_folder(
+            settings.lora.data_dir, cfg.resolution, cfg.sample_fps, settings.curate.video_extensions, buckets=table
+        )
     else:
         items = load_clip_frames(curated_dir, "train", cfg.resolution, cfg.sample_fps, buckets=table)
     text = TextBank.build(settings, [c.caption for c in items])
@@ -139,15 +155,21 @@ def train_lora(
     if len(image_bank) == 0:
         raise ValueError("lora: no training samples")
     if cfg.num_frames > 1 and cfg.image_ratio < 1 and len(video_bank) == 0:
-        raise ValueError(f"lora: no video has lora.train.num_frames={cfg.num_frames} frames at "
-                         f"lora.train.sample_fps={cfg.sample_fps}; lower num_frames or set image_ratio: 1.0")
+        raise ValueError(
+            f"lora: no video has lora.train.num_frames={cfg.num_frames} frames at "
+            f"lora.train.sample_fps={cfg.sample_fps}; lower num_frames or set image_ratio: 1.0"
+        )
 
     model = EasyAnimateTransformer3DModel.from_pretrained(dit_dir)
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(
-        r=settings.lora.rank, lora_alpha=settings.lora.alpha,
-        target_modules=list(settings.lora.target_modules), init_lora_weights="gaussian",
-    ))
+    model.add_adapter(
+        LoraConfig(
+            r=settings.lora.rank,
+            lora_alpha=settings.lora.alpha,
+            target_modules=list(settings.lora.target_modules),
+            init_lora_weights="gaussian",
+        )
+    )
     scheduler = make_train_scheduler(settings)
     accelerator = make_accelerator(settings.dit.mixed_precision, trackers)
 
@@ -159,12 +181,23 @@ def train_lora(
         picks = draw_batch(buckets[id(bank)], rng, cfg.batch_size)  # one bucket per batch, so it stacks
         latents = torch.stack([bank.latents[i] for i in picks]).to(accelerator.device)
         ids = [bank.caption_ids[i] for i in picks]
-        return diffusion_loss(dit, scheduler, latents, text.hidden[ids].to(accelerator.device),
-                              text.mask[ids].to(accelerator.device), step_generator(cfg.seed, step))
+        return diffusion_loss(
+            dit,
+            scheduler,
+            latents,
+            text.hidden[ids].to(accelerator.device),
+            text.mask[ids].to(accelerator.device),
+            step_generator(cfg.seed, step),
+        )
 
     result = train_loop(
-        accelerator=accelerator, model=model, trainable=[p for p in model.parameters() if p.requires_grad],
-        cfg=cfg, compute_loss=compute_loss, ckpt_dir=ckpt_dir, name="lora",
+        accelerator=accelerator,
+        model=model,
+        trainable=[p for p in model.parameters() if p.requires_grad],
+        cfg=cfg,
+        compute_loss=compute_loss,
+        ckpt_dir=ckpt_dir,
+        name="lora",
         tracker_config={"rank": settings.lora.rank, "alpha": settings.lora.alpha, **cfg.model_dump(mode="json")},
         show_progress=show_progress,
     )
@@ -174,9 +207,16 @@ def train_lora(
 
 
 def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
-    result = train_lora(settings, settings.paths.curated, settings.paths.vae_stage2, settings.paths.dit_stage3,
-                        settings.paths.lora, ckpt_dir=ctx.checkpoint_dir, trackers=ctx.trackers,
-                        show_progress=ctx.show_progress)
+    result = train_lora(
+        settings,
+        settings.paths.curated,
+        settings.paths.vae_stage2,
+        settings.paths.dit_stage3,
+        settings.paths.lora,
+        ckpt_dir=ctx.checkpoint_dir,
+        trackers=ctx.trackers,
+        show_progress=ctx.show_progress,
+    )
     metrics = result.metrics("lora")
     write_reports(ctx.report_dir, metrics, result.losses)
     return StageResult("lora", metrics, {"lora": settings.paths.lora}, [ctx.report_dir / "loss.csv"])

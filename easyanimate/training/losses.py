@@ -71,8 +71,9 @@ class PatchDiscriminator3d(nn.Module):
 class VideoDiscriminator(nn.Module):
     """The 2D and 3D critics together; images (T == 1) only meet the 2D one."""
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3, use_2d: bool = True,
-                 use_3d: bool = True):
+    def __init__(
+        self, in_channels: int = 3, channels: int = 64, layers: int = 3, use_2d: bool = True, use_3d: bool = True
+    ):
         super().__init__()
         if not (use_2d or use_3d):
             raise ValueError("a discriminator needs the 2D or the 3D critic (or both)")
@@ -100,8 +101,9 @@ def hinge_g_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([-f.mean() for f in fake_logits]).mean()
 
 
-def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float,
-                    eps: float = 1e-4) -> torch.Tensor:
+def adaptive_weight(
+    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float, eps: float = 1e-4
+) -> torch.Tensor:
     """VQGAN: scale the GAN term so its gradient at the decoder's last layer matches the reconstruction's."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]

@@ -107,8 +107,10 @@ def fit_scaling_factor(vae: SliceVAE, sampler: ClipSampler, batches: int, batch_
     """1 / std of the posterior means of ``batches`` training batches (drawn after the training steps' seeds)."""
     was_training = vae.training
     vae.eval()
-    latents = [vae.encode(sampler.batch(10**9 + i, batch_size)[0].to(device)).latent_dist.mode().flatten().float()
-               for i in range(batches)]
+    latents = [
+        vae.encode(sampler.batch(10**9 + i, batch_size)[0].to(device)).latent_dist.mode().flatten().float()
+        for i in range(batches)
+    ]
     vae.train(was_training)
     std = float(torch.cat(latents).std())
     if not std > 0:
@@ -122,8 +124,9 @@ def _training_clips(cfg: VAETrainConfig, curated_dir: Path):
     # Each scale is a separate decode of every clip (whole frame, aspect kept); the sampler crops them.
     clips = []
     for scale in cfg.augment.scales:
-        clips += load_clip_frames(curated_dir, "train", round(cfg.resolution * scale), cfg.sample_fps,
-                                  square_crop=False)
+        clips += load_clip_frames(
+            curated_dir, "train", round(cfg.resolution * scale), cfg.sample_fps, square_crop=False
+        )
     return clips
 
 
@@ -165,8 +168,14 @@ def train_vae(
     SliceVAE.check_num_frames(cfg.num_frames)
     clips = _training_clips(cfg, curated_dir)
     aug = cfg.augment
-    sampler = ClipSampler(clips, cfg.num_frames, cfg.image_ratio, cfg.seed,
-                          crop_size=cfg.resolution if aug.random_crop else None, hflip=aug.hflip)
+    sampler = ClipSampler(
+        clips,
+        cfg.num_frames,
+        cfg.image_ratio,
+        cfg.seed,
+        crop_size=cfg.resolution if aug.random_crop else None,
+        hflip=aug.hflip,
+    )
     # bf16/fp16 only take effect on GPU: make_accelerator forces full precision on CPU.
     accelerator = make_accelerator(settings.vae.mixed_precision, trackers)
     perceptual = _load_perceptual(settings) if stage == 1 else None
@@ -206,8 +215,9 @@ def train_vae(
                 d_loss = adversary.discriminator_step(x, recon)
                 g_loss = adversary.generator_loss(recon)
                 if d_loss is not None and g_loss is not None:
-                    weight = adaptive_weight(rec, g_loss, _decoder_last_layer(vae, accelerator),
-                                             cfg.adversarial.max_adaptive_weight)
+                    weight = adaptive_weight(
+                        rec, g_loss, _decoder_last_layer(vae, accelerator), cfg.adversarial.max_adaptive_weight
+                    )
                     loss = loss + cfg.adversarial.weight * weight * g_loss
                     parts.update(d_loss=d_loss, g_loss=float(g_loss.detach()), adaptive_weight=float(weight))
         accelerator.log({f"{name}/{k}": v for k, v in parts.items()}, step=step + 1)
@@ -230,8 +240,9 @@ def train_vae(
     if ema is not None:
         ema.copy_to(trainable)
     if stage == 1 and settings.vae.stage1.fit_scaling_factor:
-        factor = fit_scaling_factor(trained, sampler, settings.vae.stage1.scaling_batches, cfg.batch_size,
-                                    accelerator.device)
+        factor = fit_scaling_factor(
+            trained, sampler, settings.vae.stage1.scaling_batches, cfg.batch_size, accelerator.device
+        )
         trained.register_to_config(scaling_factor=factor)
         accelerator.log({f"{name}/scaling_factor": factor}, step=cfg.steps)
         log.info("VAE scaling_factor fitted to the training latents: %.5f", factor)
@@ -247,8 +258,9 @@ def side_by_side(original: np.ndarray, reconstruction: np.ndarray) -> np.ndarray
 
 
 @torch.no_grad()
-def evaluate_vae(settings: Settings, vae_dir: Path, curated_dir: Path, out_dir: Path, resolution: int,
-                 sample_fps: float) -> tuple[dict[str, float], list[Path]]:
+def evaluate_vae(
+    settings: Settings, vae_dir: Path, curated_dir: Path, out_dir: Path, resolution: int, sample_fps: float
+) -> tuple[dict[str, float], list[Path]]:
     """PSNR/SSIM of reconstructions of the manifest's ``val`` clips (never trained on) and a side-by-side mp4.
 
     Returns ``({"vae_psnr": .., "vae_ssim": .., "vae_eval_clips": ..}, [video path])``; no val clips -> empty.
@@ -274,9 +286,12 @@ def evaluate_vae(settings: Settings, vae_dir: Path, curated_dir: Path, out_dir: 
     video = out_dir / "reconstruction_side_by_side.mp4"
     # Clips may differ in length; the panel video plays them one after another.
     write_video(np.concatenate(panels, axis=0), video, fps=ev.fps)
-    metrics = {"vae_psnr": float(np.mean(psnrs)), "vae_ssim": float(np.mean(ssims)), "vae_eval_clips": float(len(clips))}
+    metrics = {
+        "vae_psnr": float(np.mean(psnrs)),
+        "vae_ssim": float(np.mean(ssims)),
+        "vae_eval_clips": float(len(clips)),
+    }
     return metrics, [video]
-
 
 
 # ------------------------------------------------------------------------------------------ stage entries
@@ -285,8 +300,9 @@ def warm_start_problems(settings: Settings, vae_dir: Path) -> list[str]:
     with torch.device("meta"):  # a paper-size model allocates nothing
         fresh = build_vae(settings)
     # A champion that fitted its own scaling factor, or slices/tiles differently, still warm-starts.
-    return config_mismatches(vae_dir, dict(fresh.config), "vae.model",
-                             ignore=SliceVAE.EXECUTION_CONFIG_KEYS | {"scaling_factor"})
+    return config_mismatches(
+        vae_dir, dict(fresh.config), "vae.model", ignore=SliceVAE.EXECUTION_CONFIG_KEYS | {"scaling_factor"}
+    )
 
 
 def run_stage(settings: Settings, ctx: StageContext, stage: int) -> StageResult:
@@ -296,11 +312,20 @@ def run_stage(settings: Settings, ctx: StageContext, stage: int) -> StageResult:
     init = settings.paths.vae_stage1 if stage == 2 else ctx.warm_start
     if stage == 1 and init is not None and (problems := warm_start_problems(settings, init)):
         raise ValueError("retrain.init_pipeline cannot warm-start these settings:\n  " + "\n  ".join(problems))
-    result = train_vae(settings, stage, settings.paths.curated, out, ckpt_dir=ctx.checkpoint_dir, init_dir=init,
-                       trackers=ctx.trackers, show_progress=ctx.show_progress)
+    result = train_vae(
+        settings,
+        stage,
+        settings.paths.curated,
+        out,
+        ckpt_dir=ctx.checkpoint_dir,
+        init_dir=init,
+        trackers=ctx.trackers,
+        show_progress=ctx.show_progress,
+    )
     # Held-out reconstruction quality on the val clips, at the stage's training resolution and frame rate.
-    eval_metrics, videos = evaluate_vae(settings, out, settings.paths.curated, ctx.report_dir, cfg.resolution,
-                                        cfg.sample_fps)
+    eval_metrics, videos = evaluate_vae(
+        settings, out, settings.paths.curated, ctx.report_dir, cfg.resolution, cfg.sample_fps
+    )
     metrics = {**result.metrics(name), **{f"{name}/{k}": v for k, v in eval_metrics.items()}}
     info: dict = {"parent": str(init) if init else None}
     tags = {"parent_checkpoint": str(init)} if init else {}

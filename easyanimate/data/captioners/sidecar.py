@@ -49,11 +49,14 @@ class SidecarCaptioner(Captioner):
         for i, item in enumerate(raw):
             if not isinstance(item, dict) or "file" not in item or "caption" not in item:
                 raise ValueError(f"{path}: entry {i} needs 'file' and 'caption' keys, got {item!r}")
-            entries.append(CaptionEntry(
-                file=str(item["file"]), caption=str(item["caption"]).strip(),
-                start=float(item.get("start") or 0.0),
-                end=float(item["end"]) if item.get("end") is not None else float("inf"),
-            ))
+            entries.append(
+                CaptionEntry(
+                    file=str(item["file"]),
+                    caption=str(item["caption"]).strip(),
+                    start=float(item.get("start") or 0.0),
+                    end=float(item["end"]) if item.get("end") is not None else float("inf"),
+                )
+            )
         return cls(entries, fingerprint="sidecar:" + hashlib.sha256(text.encode()).hexdigest()[:16])
 
     def fingerprint_for(self, source: str) -> str:

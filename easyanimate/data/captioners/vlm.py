@@ -53,8 +53,9 @@ class VLMCaptioner(Captioner):
         if self._chat:
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.cfg.prompt}]}]
             text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-            inputs = self.processor(images=[[im] for im in images], text=[text] * len(images), return_tensors="pt",
-                                    padding=True)
+            inputs = self.processor(
+                images=[[im] for im in images], text=[text] * len(images), return_tensors="pt", padding=True
+            )
         else:
             inputs = self.processor(images=images, return_tensors="pt")
         return inputs.to(self.device)

@@ -52,5 +52,7 @@ class AestheticFilter(ClipFilter):
         import great_expectations as gx
 
         E = gx.expectations
-        return [E.ExpectColumnValuesToNotBeNull(column="aesthetic"),
-                E.ExpectColumnValuesToBeBetween(column="aesthetic", min_value=self.cfg.threshold)]
+        return [
+            E.ExpectColumnValuesToNotBeNull(column="aesthetic"),
+            E.ExpectColumnValuesToBeBetween(column="aesthetic", min_value=self.cfg.threshold),
+        ]

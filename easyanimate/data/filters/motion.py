@@ -59,5 +59,7 @@ class MotionFilter(ClipFilter):
         import great_expectations as gx
 
         E = gx.expectations
-        return [E.ExpectColumnValuesToNotBeNull(column="motion"),
-                E.ExpectColumnValuesToBeBetween(column="motion", min_value=self.cfg.low, max_value=self.cfg.high)]
+        return [
+            E.ExpectColumnValuesToNotBeNull(column="motion"),
+            E.ExpectColumnValuesToBeBetween(column="motion", min_value=self.cfg.low, max_value=self.cfg.high),
+        ]

@@ -18,8 +18,14 @@ from easyanimate.data.filters.base import ClipFilter, Column, resize_long_side
 def load_reader(model_dir, device: str):
     import easyocr
 
-    return easyocr.Reader(["en"], gpu=device.startswith("cuda"), model_storage_directory=str(model_dir),
-                          download_enabled=False, recognizer=False, verbose=False)
+    return easyocr.Reader(
+        ["en"],
+        gpu=device.startswith("cuda"),
+        model_storage_directory=str(model_dir),
+        download_enabled=False,
+        recognizer=False,
+        verbose=False,
+    )
 
 
 def text_area(frame: np.ndarray, reader, max_side: int) -> float:
@@ -75,5 +81,7 @@ class TextFilter(ClipFilter):
         import great_expectations as gx
 
         E = gx.expectations
-        return [E.ExpectColumnValuesToNotBeNull(column="text_area"),
-                E.ExpectColumnValuesToBeBetween(column="text_area", max_value=self.cfg.max_text_area)]
+        return [
+            E.ExpectColumnValuesToNotBeNull(column="text_area"),
+            E.ExpectColumnValuesToBeBetween(column="text_area", max_value=self.cfg.max_text_area),
+        ]

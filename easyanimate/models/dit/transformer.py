@@ -29,8 +29,9 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([out.sin(), out.cos()], dim=1)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int, base_size: float, interpolation_scale: float = 1.0,
-              device=None) -> torch.Tensor:
+def sincos_2d(
+    dim: int, grid_h: int, grid_w: int, base_size: float, interpolation_scale: float = 1.0, device=None
+) -> torch.Tensor:
     """PixArt 2D sin-cos table of shape (grid_h*grid_w, dim), row-major (h outer).
 
     Coordinates are rescaled by ``grid / base_size`` so any resolution covers the same range the
@@ -59,8 +60,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         context = x if context is None else context
         b, n, d = x.shape
         h = self.num_heads
@@ -117,8 +119,9 @@ class FeedForward(nn.Module):
 class EasyAnimateBlock(nn.Module):
     """PixArt block (adaLN-single) + motion module between cross-attention and the MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, motion_module: bool, max_frames: int,
-                 grid_reshape: int):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, motion_module: bool, max_frames: int, grid_reshape: int
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn1 = Attention(dim, num_heads)
@@ -129,13 +132,19 @@ class EasyAnimateBlock(nn.Module):
         # Per-block learned offset to the shared timestep modulation (PixArt's adaLN-single).
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, t6: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
-                grid_hw: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t6: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        grid_hw: tuple[int, int],
+    ) -> torch.Tensor:
         """x: (B, T, N, D); t6: (B, 6, D); text: (B, L, D); text_mask: (B, 1, 1, L) bool or None."""
         b, t, n, d = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            (self.scale_shift_table[None] + t6)[:, :, None, None, :].unbind(1)  # each (B, 1, 1, D)
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t6)[
+            :, :, None, None, :
+        ].unbind(1)  # each (B, 1, 1, D)
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
         h = self.attn1(h.reshape(b * t, n, d)).view(b, t, n, d)
         x = x + gate_msa * h
@@ -155,10 +164,21 @@ class EasyAnimateTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _no_split_modules = ["EasyAnimateBlock"]
 
     @register_to_config
-    def __init__(self, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 64, depth: int = 4,
-                 num_heads: int = 4, mlp_ratio: float = 4.0, text_embed_dim: int = 384, motion_module: bool = True,
-                 max_frames_latent: int = 64, grid_reshape: int = 1, long_skips: bool = True,
-                 base_latent_size: int = 8):
+    def __init__(
+        self,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        hidden_size: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        text_embed_dim: int = 384,
+        motion_module: bool = True,
+        max_frames_latent: int = 64,
+        grid_reshape: int = 1,
+        long_skips: bool = True,
+        base_latent_size: int = 8,
+    ):
         super().__init__()
         if grid_reshape < 1:
             raise ValueError(f"grid_reshape must be >= 1, got {grid_reshape}")
@@ -195,9 +215,14 @@ class EasyAnimateTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if block.motion_module is not None:
                 yield from block.motion_module.parameters()
 
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None,
-                return_dict: bool = True):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
         cfg = self.config
         p = cfg.patch_size
         b, c, t, h, w = hidden_states.shape

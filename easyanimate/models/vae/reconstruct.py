@@ -39,8 +39,15 @@ def read_video_for_vae(path: str | Path, size: int, fps: float, frames: int | No
     return np.ascontiguousarray(video)
 
 
-def reconstruct_file(vae: SliceVAE, src: str | Path, dst: str | Path, size: int, fps: float,
-                     frames: int | None = None, callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+def reconstruct_file(
+    vae: SliceVAE,
+    src: str | Path,
+    dst: str | Path,
+    size: int,
+    fps: float,
+    frames: int | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Write the VAE's reconstruction of ``src`` to ``dst`` (mp4); returns the input frames it used."""
     from easyanimate.data.video_io import write_video
 

@@ -370,14 +370,20 @@ def _block_slopes(x: torch.Tensor, spatial: int) -> torch.Tensor:
     if t == 1:
         return x.new_zeros(b, 1, 1, h // spatial, w // spatial)
     luma = F.avg_pool2d(x.mean(1).reshape(b * t, 1, h, w), spatial).reshape(
-        b, 1, t // TEMPORAL_COMPRESSION, TEMPORAL_COMPRESSION, h // spatial, w // spatial)
+        b, 1, t // TEMPORAL_COMPRESSION, TEMPORAL_COMPRESSION, h // spatial, w // spatial
+    )
     return (luma * _temporal_ramp(x).transpose(2, 3)).sum(3)
 
 
 def _upsample_cells(z: torch.Tensor, spatial: int) -> torch.Tensor:
     b, c, t, h, w = z.shape
-    return F.interpolate(z.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=float(spatial), mode="bilinear",
-                         align_corners=False).reshape(b, t, c, h * spatial, w * spatial).transpose(1, 2)
+    return (
+        F.interpolate(
+            z.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=float(spatial), mode="bilinear", align_corners=False
+        )
+        .reshape(b, t, c, h * spatial, w * spatial)
+        .transpose(1, 2)
+    )
 
 
 def _expand_means(z: torch.Tensor, spatial: int, is_image: bool) -> torch.Tensor:
@@ -430,7 +436,9 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         if pixel_shortcut and latent_channels < in_channels:
             raise ValueError(f"pixel_shortcut needs latent_channels >= in_channels ({in_channels})")
         if pixel_shortcut_motion and not (pixel_shortcut and latent_channels > in_channels):
-            raise ValueError(f"pixel_shortcut_motion needs pixel_shortcut and latent_channels > in_channels ({in_channels})")
+            raise ValueError(
+                f"pixel_shortcut_motion needs pixel_shortcut and latent_channels > in_channels ({in_channels})"
+            )
         if len(block_out_channels) < 3:
             raise ValueError("block_out_channels needs >= 3 levels: two resampling stages carry the 4x temporal factor")
         if encoder_slice_frames <= 0 or encoder_slice_frames % TEMPORAL_COMPRESSION:
@@ -450,8 +458,9 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         self.decoder = Decoder3d(latent_channels, in_channels, block_out_channels, layers_per_block, norm_groups)
 
     # Config keys that change how (not what) the model computes: slicing is exact and tiling is off by default.
-    EXECUTION_CONFIG_KEYS = frozenset({"encoder_slice_frames", "decoder_slice_latents", "tile_sample_size",
-                                 "tile_overlap_factor"})
+    EXECUTION_CONFIG_KEYS = frozenset(
+        {"encoder_slice_frames", "decoder_slice_latents", "tile_sample_size", "tile_overlap_factor"}
+    )
 
     @torch.no_grad()
     def latent_space_id(self) -> str:
@@ -641,7 +650,9 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
         ``decode(encode(x).mode())`` up to one uint8 level (tiled: blending reads back already-rounded pixels).
         """
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != self.config.in_channels:
-            raise ValueError(f"frames must be uint8 (T, H, W, {self.config.in_channels}); got {frames.dtype} {frames.shape}")
+            raise ValueError(
+                f"frames must be uint8 (T, H, W, {self.config.in_channels}); got {frames.dtype} {frames.shape}"
+            )
         t, h, w, _ = frames.shape
         self.check_num_frames(t)
         sc = self.spatial_compression
@@ -669,8 +680,9 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
             x = torch.from_numpy(chunk).to(device=device, dtype=dtype).div_(127.5).sub_(1.0)
             return x.permute(3, 0, 1, 2).unsqueeze(0)  # (1, C, t, h, w)
 
-        moments = torch.zeros(1, 2 * self.config.latent_channels, latent_t, latent_h, latent_w, device=device,
-                              dtype=dtype)
+        moments = torch.zeros(
+            1, 2 * self.config.latent_channels, latent_t, latent_h, latent_w, device=device, dtype=dtype
+        )
         alphas = grid.alphas()
         for i, j, ys, xs in grid:
             with self._feature_cache(self.encoder):
