@@ -99,8 +99,10 @@ def test_pipeline_writes_video_and_champion(demo):
     assert "generated video:" in out and "registered model: models:/easyanimate/1" in out
     video = project / "reports" / "evaluate" / "samples" / "sample_0.mp4"
     info = probe(video)
-    g = yaml.safe_load((project / "params.yaml").read_text())["generate"]
-    assert (info.width, info.height, info.num_frames) == (g["width"], g["height"], g["num_frames"])
+    from easyanimate.config import load_settings
+
+    g = load_settings(project / "params.yaml").generate  # params.yaml holds only overrides of the preset
+    assert (info.width, info.height, info.num_frames) == (g.width, g.height, g.num_frames)
     manifest = project / "data" / "curated" / "manifest.parquet"
     assert manifest.exists() and (project / "data" / "curated" / "gate.json").exists()
     for stage in ("vae/stage1", "vae/stage2", "dit/stage1", "dit/stage2", "dit/stage3"):
