@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -46,6 +44,7 @@ from easyanimate.data.summary import (
 )
 from easyanimate.data.video_io import VideoError, VideoInfo, cut_clip, decode_frames, probe
 from easyanimate.stage_api import StageContext, StageResult, write_reports
+from easyanimate.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 RECORD_VERSION = 2  # 2: scenes come from the single decode pass
@@ -323,11 +322,7 @@ class Curator:
 
 
 def _atomic_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _load_cached(path: Path, out_dir: Path, fingerprint: str | None) -> list[dict] | None:

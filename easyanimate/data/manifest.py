@@ -7,11 +7,11 @@ with which score) and lets thresholds be re-tuned from the stored scores without
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from easyanimate.utils import atomic_file
 
 # Columns every manifest has; the filters' score columns sit between HEAD and TAIL (``columns``).
 HEAD_COLUMNS: dict[str, str] = {
@@ -101,14 +101,8 @@ def to_frame(records: list[dict], score_columns: dict[str, str] | None = None) -
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".tmp") as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

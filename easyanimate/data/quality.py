@@ -22,6 +22,7 @@ import pandas as pd
 from easyanimate.config import Settings
 from easyanimate.data.video_io import VideoError, probe
 from easyanimate.stage_api import StageFailed
+from easyanimate.utils import atomic_write_text
 
 _DURATION_TOL_S = 0.05  # planned spans are rounded to ms; allow rounding noise, not real violations
 
@@ -182,7 +183,6 @@ def run_quality_gate(
 
 def _write_json(result: GateResult, out_dir: Path) -> None:
     # Only what the data decides: no paths, no timestamps, so an unchanged dataset keeps its content hash.
-    path = out_dir / "gate.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"success": result.success, "failures": result.failures}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(
+        out_dir / "gate.json", json.dumps({"success": result.success, "failures": result.failures}, indent=1)
+    )

@@ -7,9 +7,7 @@ leaves a half-written clip that a rerun would mistake for a finished one.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +15,8 @@ from typing import Sequence
 import av
 import cv2
 import numpy as np
+
+from easyanimate.utils import atomic_file
 
 # Anything beyond 16K per side is a corrupt header or an attack, not footage.
 _MAX_SIDE = 16384
@@ -181,13 +181,6 @@ def decode_frames(
         container.close()
 
 
-def _tmp_sibling(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_video(frames: np.ndarray, path: str | Path, fps: float, crf: int = 22, preset: str = "veryfast") -> Path:
     """Write uint8 ``(T, H, W, 3)`` RGB frames as H.264 mp4, atomically."""
     import imageio.v2 as imageio
@@ -196,8 +189,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float, crf: int = 22,
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T,H,W,3), got {frames.dtype} {frames.shape}")
     path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
+    with atomic_file(path) as tmp:
         # macro_block_size=1 keeps odd test sizes (e.g. 96x54) exact; yuv420p needs even sides.
         h, w = frames.shape[1:3]
         if h % 2 or w % 2:
@@ -218,9 +210,6 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float, crf: int = 22,
                 writer.append_data(f)
         finally:
             writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -237,39 +226,35 @@ def cut_clip(src: str | Path, dst: str | Path, start_s: float, end_s: float, enc
     jumps near the target first so long sources stay cheap.
     """
     dst = Path(dst)
-    tmp = _tmp_sibling(dst)
-    pre = max(0.0, start_s - 2.0)
-    cmd = [
-        ffmpeg_exe(),
-        "-y",
-        "-v",
-        "error",
-        "-ss",
-        f"{pre:.3f}",
-        "-i",
-        str(src),
-        "-ss",
-        f"{start_s - pre:.3f}",
-        "-t",
-        f"{end_s - start_s:.3f}",
-        "-an",
-        "-c:v",
-        encode_cfg.codec,
-        "-crf",
-        str(encode_cfg.crf),
-        "-preset",
-        encode_cfg.preset,
-        "-pix_fmt",
-        "yuv420p",
-        "-f",
-        "mp4",
-        str(tmp),
-    ]
-    try:
+    with atomic_file(dst) as tmp:
+        pre = max(0.0, start_s - 2.0)
+        cmd = [
+            ffmpeg_exe(),
+            "-y",
+            "-v",
+            "error",
+            "-ss",
+            f"{pre:.3f}",
+            "-i",
+            str(src),
+            "-ss",
+            f"{start_s - pre:.3f}",
+            "-t",
+            f"{end_s - start_s:.3f}",
+            "-an",
+            "-c:v",
+            encode_cfg.codec,
+            "-crf",
+            str(encode_cfg.crf),
+            "-preset",
+            encode_cfg.preset,
+            "-pix_fmt",
+            "yuv420p",
+            "-f",
+            "mp4",
+            str(tmp),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise VideoError("encode_failed", proc.stderr.strip()[-500:])
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
