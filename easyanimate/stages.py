@@ -446,6 +446,9 @@ def _has_key(data: dict, dotted: str) -> bool:
     return True
 
 
+CHECK_STAGE = "dvc_yaml_check"  # DVC-only guard stage (see dvc_yaml)
+
+
 def dvc_yaml(params_file: str | Path = "params.yaml", root: str | Path = ".") -> str:
     """``dvc.yaml`` for the DAG: code deps from each stage's derived modules; params from the params file
     and the preset it names (only the keys each file holds: defaults in code are covered by config.py)."""
@@ -464,7 +467,11 @@ def dvc_yaml(params_file: str | Path = "params.yaml", root: str | Path = ".") ->
         path = Path(path)
         return (path.resolve().relative_to(root) if path.is_absolute() else path).as_posix()
 
-    stages: dict = {}
+    # DVC sees only the params dvc.yaml lists, and the list depends on the keys each file holds and on the
+    # code's imports: this cheap first stage reruns on any change to them and fails while dvc.yaml is stale.
+    stages: dict = {
+        CHECK_STAGE: {"cmd": "easyanimate dvc-yaml --check", "deps": [rel(params_path), PACKAGE]},
+    }
     for spec in STAGES:
         deps = [rel(getattr(settings.paths, d)) for d in spec.deps if d != "captions"]
         deps += [rel(settings.paths.reports / r) for r in spec.report_deps]

@@ -11,7 +11,7 @@ import yaml
 from dvc.repo import Repo
 
 from easyanimate.config import PRESETS_DIR, ConfigError, load_settings
-from easyanimate.stages import STAGE_NAMES, STAGES, stage_files, stage_inputs_hash
+from easyanimate.stages import STAGE_NAMES, STAGES, dvc_yaml, stage_files, stage_inputs_hash
 
 ROOT = Path.cwd()
 
@@ -29,7 +29,11 @@ def stale_after(edit, repo: Repo, base: dict[str, str]) -> dict[str, list[str]]:
     undo = edit()
     try:
         now = keys()
-        return {"prefect": sorted(n for n in STAGE_NAMES if now[n] != base[n]), "dvc": sorted(dvc_stale(repo))}
+        return {
+            "prefect": sorted(n for n in STAGE_NAMES if now[n] != base[n]),
+            "dvc": sorted(dvc_stale(repo)),
+            "dvc_yaml_stale": dvc_yaml(ROOT / "params.yaml", ROOT) != (ROOT / "dvc.yaml").read_text(),
+        }
     finally:
         undo()
 
