@@ -437,7 +437,7 @@ def raise_for_failure(result: StageResult) -> StageResult:
 
 
 # ------------------------------------------------------------------------------- dvc.yaml
-def _has_key(data: dict, dotted: str) -> bool:
+def has_key(data: dict, dotted: str) -> bool:
     node = data
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -477,8 +477,8 @@ def dvc_yaml(params_file: str | Path = "params.yaml", root: str | Path = ".") ->
         deps += [rel(settings.paths.reports / r) for r in spec.report_deps]
         # Code deps name the package folder beside dvc.yaml (the project's own copy of the code).
         deps += [f"{PACKAGE}/{f.relative_to(PACKAGE_DIR).as_posix()}" for f in stage_files(spec.name)]
-        params: list = [p for p in ("preset", *spec.params) if _has_key(overrides, p)]
-        from_preset = [p for p in spec.params if _has_key(preset_values, p)]
+        params: list = [p for p in ("preset", *spec.params) if has_key(overrides, p)]
+        from_preset = [p for p in spec.params if has_key(preset_values, p)]
         if from_preset:
             params.append({f"{PACKAGE}/{preset_file.relative_to(PACKAGE_DIR).as_posix()}": from_preset})
         stage: dict = {"cmd": f"easyanimate run {spec.name}", "deps": deps}

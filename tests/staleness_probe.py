@@ -11,7 +11,7 @@ import yaml
 from dvc.repo import Repo
 
 from easyanimate.config import PRESETS_DIR, ConfigError, load_settings
-from easyanimate.stages import STAGE_NAMES, STAGES, dvc_yaml, stage_files, stage_inputs_hash
+from easyanimate.stages import STAGE_NAMES, STAGES, dvc_yaml, has_key, stage_files, stage_inputs_hash
 
 ROOT = Path.cwd()
 
@@ -95,9 +95,9 @@ def param_edit(param: str):
                 continue
             # DVC reads params.yaml where it holds the key's section, else the preset file; a key in neither
             # is a code default: DVC sees it only once a file sets it and dvc.yaml is regenerated.
-            in_params = any(_has(overrides, ".".join(path[:i])) for i in range(1, len(path) + 1))
+            in_params = any(has_key(overrides, ".".join(path[:i])) for i in range(1, len(path) + 1))
             preset_values = yaml.safe_load(preset_file.read_text()) or {}
-            in_preset = any(_has(preset_values, ".".join(path[:i])) for i in range(1, len(path) + 1))
+            in_preset = any(has_key(preset_values, ".".join(path[:i])) for i in range(1, len(path) + 1))
             target = preset_file if in_preset and not in_params else ROOT / "params.yaml"
 
             def edit(target=target, patch=patch):
@@ -107,15 +107,6 @@ def param_edit(param: str):
 
             return ".".join(path), str(target.relative_to(ROOT)), edit
     raise AssertionError(f"no valid change found for {param}")
-
-
-def _has(data, dotted):
-    node = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def main() -> None:
