@@ -54,6 +54,11 @@ class WeightsConfig(_Section):
     aesthetic_clip: str | None = None
     aesthetic_head: str | None = None
     captioner: str | None = None
+    # An image-embedding model (a transformers CLIP or DINOv2 folder) for the transition filter's similarity and
+    # the dedup filter's cosine check; None keeps both weight-free.
+    frame_embedding: str | None = None
+    # A causal language model folder for curate.caption.rewrite; None: no rewrite.
+    caption_rewriter: str | None = None
     # LPIPS (VGG16 backbone + calibration layers) for the VAE's perceptual loss; no package ships them, so off
     # unless set (see easyanimate.training.losses.LPIPS for the file layout).
     lpips: str | None = None
@@ -109,12 +114,64 @@ class MotionFilterConfig(_Section):
     high: float = Field(0.08, gt=0)
 
 
+class TransitionFilterConfig(_Section):
+    """Scene-transition filter (easyanimate/data/filters/transition.py): dissolves and fades inside one clip."""
+
+    scorer: Literal["auto", "histogram", "embedding"] = Field(
+        "auto", description="auto: embedding when weights.frame_embedding is set, else histogram"
+    )
+    edge_s: float = Field(0.5, ge=0, description="first/last frames are taken this far inside the clip")
+    min_similarity: float = Field(0.5, ge=-1, le=1, description="lowest HSV-histogram correlation of two frames")
+    min_embedding_similarity: float = Field(0.8, ge=-1, le=1, description="same, cosine of image embeddings")
+    min_luma_ratio: float = Field(0.5, ge=0, le=1, description="(darkest + 4) / (brightest + 4) mean luma; lower = fade")
+    max_side: int = Field(256, ge=32, description="frames are downscaled to this long side for the histograms")
+
+
+class DedupConfig(_Section):
+    """Near-duplicate removal (easyanimate/data/dedup_index.py), within a run and against the persisted index."""
+
+    enabled: bool = True
+    keep: Literal["first", "best_aesthetic"] = Field(
+        "first", description="first: the clip already indexed, else earlier in manifest order; best_aesthetic: higher score"
+    )
+    max_distance: int = Field(8, ge=0, le=11, description="pHash bits (of 64) within which two frames match")
+    min_matching_frames: int = Field(3, ge=1, description="frames of each clip that must match the other's")
+    compare_same_scene: bool = Field(False, description="also compare pieces of one scene (identical ones always are)")
+    min_cosine: float = Field(0.95, ge=-1, le=1, description="clip-embedding duplicates (with weights.frame_embedding)")
+
+
+class AlignmentFilterConfig(_Section):
+    """Caption-video CLIP similarity (weights.aesthetic_clip); skipped, null, without those weights."""
+
+    min_score: float = Field(0.2, ge=-1, le=1, description="mean cosine of caption and frame embeddings")
+    batch_size: int = Field(16, ge=1, description="clips per CLIP call")
+
+
+class CaptionRewriteConfig(_Section):
+    """Optional second caption step: a causal LM (weights.caption_rewriter) rewrites the captioner's caption."""
+
+    enabled: bool = False
+    prompt: str = (
+        "Rewrite this short video description as one detailed sentence for training a video generator.\n"
+        "Description: {caption}\nRewritten:"
+    )
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _template(self) -> "CaptionRewriteConfig":
+        if "{caption}" not in self.prompt:
+            raise ValueError("prompt must contain {caption}")
+        return self
+
+
 class CaptionConfig(_Section):
     captioner: Literal["sidecar", "vlm"] = "sidecar"
     num_frames: int = Field(4, ge=1)
     batch_size: int = Field(4, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     prompt: str = "Describe this video in one sentence."
+    rewrite: CaptionRewriteConfig = CaptionRewriteConfig()
 
 
 class CurateConfig(_Section):
@@ -124,10 +181,13 @@ class CurateConfig(_Section):
     probe: ProbeFilterConfig = ProbeFilterConfig()
     # Clip filters in the order they run, cheapest first: a clip stops at its first rejection. Names are keys of
     # easyanimate.data.filters.FILTERS; each filter reads its own section below.
-    filters: tuple[str, ...] = ("aesthetic", "motion", "text")
+    filters: tuple[str, ...] = ("transition", "aesthetic", "motion", "text", "alignment", "dedup")
     aesthetic: AestheticFilterConfig = AestheticFilterConfig()
     text: TextFilterConfig = TextFilterConfig()
     motion: MotionFilterConfig = MotionFilterConfig()
+    transition: TransitionFilterConfig = TransitionFilterConfig()
+    alignment: AlignmentFilterConfig = AlignmentFilterConfig()
+    dedup: DedupConfig = DedupConfig()
     caption: CaptionConfig = CaptionConfig()
     # Where filter and captioner models run (OCR, LAION, VLM); auto = cuda when torch sees a GPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -423,6 +483,22 @@ class RetrainConfig(_Section):
     download_dir: Path = Path(".easyanimate/champions")
 
 
+class StudioConfig(_Section):
+    """``easyanimate studio``, the local web page (``easyanimate/studio/``)."""
+
+    host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 exposes the page to the network")
+    port: int = Field(7860, ge=1, le=65535)
+    concurrency: int = Field(1, ge=1, description="generations the queue runs at once")
+    max_results: int = Field(12, ge=1, description="earlier results of a session kept in its gallery")
+    auth_env: str | None = Field(
+        "EASYANIMATE_STUDIO_AUTH", description="environment variable holding user:password for basic auth (unset: none)"
+    )
+    mlflow_ui_url: str | None = Field(None, description="MLflow UI base URL for links, e.g. http://127.0.0.1:5000")
+    max_request_work: int = Field(
+        2_000_000_000, ge=1, description="most frames x height x width x steps one request may ask for"
+    )
+
+
 class Settings(_Section):
     preset: str = "tiny"
     paths: PathsConfig = PathsConfig()
@@ -435,6 +511,7 @@ class Settings(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     retrain: RetrainConfig = RetrainConfig()
+    studio: StudioConfig = StudioConfig()
 
     def section_hash(self, *dotted: str) -> str:
         """Stable short hash of the named sections (all of them if none named)."""

@@ -156,8 +156,7 @@ STAGES: tuple[StageSpec, ...] = (
         "register",
         "easyanimate.registry:run_stage",
         ("curated", "pipeline", "lora"),
-        (),
-        cached=False,
+        (),  # cached: an unchanged pipeline is never registered twice
         params=("registry", "lora.registered_model", "lora.default_scale"),
         report_outs=("registered.json", "promotion.md"),
         report_deps=("evaluate/gate.json", "evaluate/metrics.json", "evaluate/eval_context.json"),

@@ -30,7 +30,10 @@ import pandas as pd
 from easyanimate.config import CurateConfig, Settings
 from easyanimate.data import manifest as mf
 from easyanimate.data.captioners import Captioner, CaptionRequest, build_captioner
+from easyanimate.data.captioners.rewrite import CaptionRewriter
+from easyanimate.data.dedup_index import INDEX_FILE, deduplicate
 from easyanimate.data.filters import ClipFilter, build_filters, filter_columns
+from easyanimate.data.filters.dedup import EMBEDDING_KEY
 from easyanimate.data.quality import run_quality_gate
 from easyanimate.data.scenes import ClipPlan, detect_scenes, plan_clips, scan_video  # noqa: F401
 from easyanimate.data.summary import (
@@ -39,6 +42,7 @@ from easyanimate.data.summary import (
     reject_reason_table,
     score_columns,
     score_histograms,
+    skipped_filters,
     summarise,
     write_summary,
 )
@@ -103,6 +107,15 @@ def _base(
     }
 
 
+def manifest_columns(settings: Settings) -> dict[str, str]:
+    """Columns between the manifest's fixed head and tail: the configured filters' (registry order), then
+    ``caption_raw`` when captions are rewritten (it sits just before ``caption``)."""
+    cols = {c.name: c.dtype for c in filter_columns(settings.curate.filters)}
+    if settings.curate.caption.rewrite.enabled:
+        cols["caption_raw"] = "string"
+    return cols
+
+
 def _probe_check(info: VideoInfo, settings: Settings) -> str | None:
     p = settings.curate.probe
     pixels = info.width * info.height
@@ -134,25 +147,47 @@ class ClipSamples:
 
 class _CaptionQueue:
     """Survivors wait here so the captioner sees full batches of frames across clips; flushing as
-    soon as a batch fills keeps memory at one batch, not one video."""
+    soon as a batch fills keeps memory at one batch, not one video. A flush captions, rewrites the captions
+    (``caption.rewrite``) and runs the filters that need a caption (``ClipFilter.needs_caption``), in order."""
 
-    def __init__(self, captioner: Captioner, batch_size: int):
+    def __init__(
+        self,
+        captioner: Captioner,
+        batch_size: int,
+        rewriter: CaptionRewriter | None = None,
+        filters: list[ClipFilter] | tuple = (),
+    ):
         self.captioner, self.pending = captioner, []
+        self.rewriter, self.filters = rewriter, list(filters)
         self.clips_per_flush = max(1, -(-batch_size // max(1, captioner.frames_per_clip)))
 
-    def add(self, rec: dict, frames: np.ndarray) -> None:
-        self.pending.append((rec, CaptionRequest(rec["source"], rec["start_s"], rec["end_s"], frames)))
+    def add(self, rec: dict, frames: np.ndarray, filter_frames: dict[str, np.ndarray] | None = None) -> None:
+        req = CaptionRequest(rec["source"], rec["start_s"], rec["end_s"], frames)
+        self.pending.append((rec, req, filter_frames or {}))
         if len(self.pending) >= self.clips_per_flush:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
-        captions = self.captioner.caption_clips([req for _, req in self.pending])
-        for (rec, _), caption in zip(self.pending, captions):
+        captions = self.captioner.caption_clips([req for _, req, _ in self.pending])
+        captions = [(caption or "").strip() for caption in captions]
+        final = self.rewriter.rewrite(captions) if self.rewriter is not None else captions
+        for (rec, _, _), raw, caption in zip(self.pending, captions, final):
+            if self.rewriter is not None:
+                rec["caption_raw"] = raw
             rec["caption"] = (caption or "").strip()
             if not rec["caption"]:
                 rec["status"], rec["reject_reason"] = "rejected", "no_caption"
+        for f in self.filters:
+            live = [(rec, frames) for rec, _, frames in self.pending if rec["status"] == "accepted"]
+            if not live:
+                break
+            scores = f.score_captioned([frames[f.name] for _, frames in live], [rec["caption"] for rec, _ in live])
+            for (rec, _), score in zip(live, scores):
+                rec.update(f.record(score))
+                if reason := f.accept(score):
+                    rec["status"], rec["reject_reason"] = "rejected", reason
         self.pending = []
 
 
@@ -167,8 +202,9 @@ class Curator:
         self.settings = settings
         self.filters = build_filters(settings)
         self.captioner = build_captioner(settings) if captioner is None else captioner
+        self.rewriter = CaptionRewriter.from_settings(settings)
         # Manifest columns come from the configured filter names (registry order), enabled or not.
-        self.score_columns = [c.name for c in filter_columns([f.name for f in self.filters])]
+        self.score_columns = list(manifest_columns(settings))
         self._lock = threading.Lock()
         self._ready = False
 
@@ -176,15 +212,23 @@ class Curator:
     def active(self) -> list[ClipFilter]:
         return [f for f in self.filters if f.enabled]
 
+    @property
+    def caption_filters(self) -> list[ClipFilter]:
+        """Enabled filters that score a clip with its caption (after captioning, batched across clips)."""
+        return [f for f in self.active if f.needs_caption]
+
     def setup(self) -> None:
         with self._lock:
             if self._ready:
                 return
             needs_device = any(f.uses_device for f in self.active) or self.captioner.uses_device
+            needs_device = needs_device or self.rewriter is not None
             device = resolve_device(self.settings.curate.device) if needs_device else "cpu"
             for f in self.active:
                 f.setup(device)
             self.captioner.setup(device)
+            if self.rewriter is not None:
+                self.rewriter.setup(device)
             self._ready = True
 
     def analysis_size(self, info: VideoInfo) -> tuple[int, int] | None:
@@ -204,6 +248,8 @@ class Curator:
     def filter_clip(self, frames: dict[str, np.ndarray], rec: dict) -> bool:
         """Fill scores into ``rec`` in run order; False (and the reason) at the first rejection."""
         for f in self.active:
+            if f.needs_caption:
+                continue  # scored after captioning (_CaptionQueue.flush)
             scores = f.score(frames[f.name])
             rec.update(f.record(scores))
             if reason := f.accept(scores):
@@ -226,14 +272,16 @@ class Curator:
             return [rec]
         self.setup()
         size = self.analysis_size(info)
-        queue = _CaptionQueue(self.captioner, self.settings.curate.caption.batch_size)
+        queue = _CaptionQueue(
+            self.captioner, self.settings.curate.caption.batch_size, self.rewriter, self.caption_filters
+        )
         evaluated: dict[tuple[float, float], dict] = {}
 
         def evaluate(plan: ClipPlan, frames: np.ndarray) -> None:
             rec = _base(name, source_hash, plan.start_s, plan.end_s, info, cols)
             split = self.samples(plan, info).split(frames)
             if self.filter_clip(split, rec):
-                queue.add(rec, split["caption"])
+                queue.add(rec, split["caption"], split)
             evaluated[(plan.start_s, plan.end_s)] = rec
 
         try:
@@ -263,7 +311,7 @@ class Curator:
                         samples = self.samples(plan, info)
                         split = samples.split(decode_frames(video_path, times=samples.times(), size=size))
                         if self.filter_clip(split, rec):
-                            queue.add(rec, split["caption"])
+                            queue.add(rec, split["caption"], split)
                     except VideoError as exc:
                         rec.update(status="quarantined", reject_reason=exc.reason)
             # The final plans carry their scene (clips handed out early during the scan do not).
@@ -358,10 +406,22 @@ def curate_video(
     return (curator or Curator(settings, captioner)).curate(video_path, out_dir)
 
 
-def build_manifest(records: list[dict], settings: Settings) -> pd.DataFrame:
-    """Records of all videos -> manifest with train/val splits; duplicate clip ids (same bytes twice) dropped."""
-    df = mf.to_frame(records, {c.name: c.dtype for c in filter_columns(settings.curate.filters)})
+def dedup_enabled(settings: Settings) -> bool:
+    return "dedup" in settings.curate.filters and settings.curate.dedup.enabled
+
+
+def build_manifest(records: list[dict], settings: Settings, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """Records of all videos -> manifest with train/val splits; duplicate clip ids (same bytes twice) dropped.
+
+    With the ``dedup`` filter, near-duplicates are then rejected in one dataset-level pass, in manifest order,
+    against the index ``out_dir/dedup_index.parquet`` (updated there; without ``out_dir`` an empty in-memory
+    index), before splits are assigned."""
+    df = mf.to_frame(records, manifest_columns(settings))
     df = df.drop_duplicates(subset="clip_id", keep="first").reset_index(drop=True)
+    if dedup_enabled(settings):
+        embeddings = {r["clip_id"]: r[EMBEDDING_KEY] for r in records if r.get(EMBEDDING_KEY)}
+        index_path = Path(out_dir) / INDEX_FILE if out_dir is not None else None
+        df = deduplicate(df, settings, index_path, embeddings)
     df["split"] = mf.assign_splits(df, settings.curate.val_fraction)
     return df
 
@@ -390,7 +450,9 @@ def curate_dataset(
             bar.update(task, description=f"curating {video.name}")
             records.extend(curator.curate(video, out_dir))
             bar.advance(task)
-    df = build_manifest(records, settings)
+    for row in skipped_filters(curator.filters):
+        log.warning("curate: filter %s skipped: %s", row["filter"], row["reason"])
+    df = build_manifest(records, settings, out_dir)
     mf.write_manifest(df, out_dir / "manifest.parquet")
     return df
 
@@ -437,7 +499,7 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
         per_video = ctx.map(curate_video_job, videos, settings=settings, run_key=run_key)
     finally:
         release_worker_curators(run_key)  # in-process workers (sequential, threads) free their models now
-    df = build_manifest([rec for recs in per_video for rec in recs], settings)
+    df = build_manifest([rec for recs in per_video for rec in recs], settings, out_dir)
     manifest = mf.write_manifest(df, out_dir / "manifest.parquet")
 
     # Earlier versions wrote the timestamped Data Docs into the curated folder, changing its hash every run.
@@ -445,8 +507,12 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
     gate = run_quality_gate(df, settings, out_dir, report_dir=Path(ctx.report_dir) / "gate_report", filters=filters)
     metrics = summarise(df, filters)
     metrics["curate/gate_passed"] = float(gate.success)
+    skipped = skipped_filters(filters)
+    for row in skipped:
+        log.warning("curate: filter %s skipped: %s", row["filter"], row["reason"])
+        metrics[f"curate/skipped.{row['filter']}"] = 1.0
     reasons, hist = reject_reason_table(df), score_histograms(df, filters)
-    summary_dir = write_summary(out_dir / "summary", reasons, hist)
+    summary_dir = write_summary(out_dir / "summary", reasons, hist, skipped)
     _log_histograms(ctx, hist, score_columns(filters))
     if ctx.write_reports:
         write_reports(Path(ctx.report_dir), metrics)
@@ -459,6 +525,8 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
         ),
         "curate-manifest": ("every clip with its scores and reason", manifest_table(df, filters)),
     }
+    if skipped:
+        tables["curate-skipped-filters"] = ("configured filters that did not run, and why", skipped)
     if hist:
         names = ", ".join(dict.fromkeys(row["score"] for row in hist))
         tables["curate-score-histograms"] = (f"{HISTOGRAM_BINS}-bin histograms of {names}", hist)

@@ -20,6 +20,11 @@ def score_columns(filters) -> list[str]:
     return [col.name for f in filters for col in f.columns if col.histogram]
 
 
+def skipped_filters(filters) -> list[dict]:
+    """Configured filters that did not run, with the reason (e.g. no weights): the run summary lists them."""
+    return [{"filter": f.name, "reason": f.skip_reason} for f in filters if f.skip_reason]
+
+
 def summarise(df: pd.DataFrame, filters) -> dict:
     counts = Counter(df["status"])
     reasons = Counter(df.loc[df["status"] != "accepted", "reject_reason"].fillna("unknown"))
@@ -63,8 +68,9 @@ def manifest_table(df: pd.DataFrame, filters) -> list[dict]:
     return view.where(view.notna(), None).to_dict("records")
 
 
-def write_summary(summary_dir: Path, reasons: list[dict], hist: list[dict]) -> Path:
-    """``reject_reasons.csv`` and ``score_histograms.csv`` (deterministic: they live beside the manifest)."""
+def write_summary(summary_dir: Path, reasons: list[dict], hist: list[dict], skipped: list[dict] | None = None) -> Path:
+    """``reject_reasons.csv``, ``score_histograms.csv`` and ``skipped_filters.csv`` (deterministic: they live
+    beside the manifest)."""
     summary_dir = Path(summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(reasons, columns=["status", "reject_reason", "clips"]).to_csv(
@@ -73,4 +79,5 @@ def write_summary(summary_dir: Path, reasons: list[dict], hist: list[dict]) -> P
     pd.DataFrame(hist, columns=["score", "bin_low", "bin_high", "clips"]).to_csv(
         summary_dir / "score_histograms.csv", index=False
     )
+    pd.DataFrame(skipped or [], columns=["filter", "reason"]).to_csv(summary_dir / "skipped_filters.csv", index=False)
     return summary_dir

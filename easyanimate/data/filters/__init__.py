@@ -9,14 +9,20 @@ one line here, and its settings class in ``CurateConfig``.
 from __future__ import annotations
 
 from easyanimate.data.filters.aesthetic import AestheticFilter
+from easyanimate.data.filters.alignment import AlignmentFilter
 from easyanimate.data.filters.base import ClipFilter, Column
+from easyanimate.data.filters.dedup import DedupFilter
 from easyanimate.data.filters.motion import MotionFilter
 from easyanimate.data.filters.text import TextFilter
+from easyanimate.data.filters.transition import TransitionFilter
 
 FILTERS: dict[str, type[ClipFilter]] = {
     "aesthetic": AestheticFilter,
     "text": TextFilter,
     "motion": MotionFilter,
+    "transition": TransitionFilter,
+    "alignment": AlignmentFilter,
+    "dedup": DedupFilter,
 }
 
 

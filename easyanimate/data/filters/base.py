@@ -39,6 +39,8 @@ class ClipFilter(ABC):
 
     name: ClassVar[str]
     columns: ClassVar[tuple[Column, ...]]
+    # True: scored after captioning, with the caption, in batches (``score_captioned``), not in ``score``.
+    needs_caption: ClassVar[bool] = False
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -48,6 +50,11 @@ class ClipFilter(ABC):
     def enabled(self) -> bool:
         """A disabled filter keeps its (empty) manifest columns and decode size but scores nothing."""
         return True
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why this configured filter does not run (None when it runs); the run summary lists it."""
+        return None if self.enabled else f"curate.{self.name}.enabled is false"
 
     @property
     def uses_device(self) -> bool:
@@ -69,6 +76,10 @@ class ClipFilter(ABC):
     @abstractmethod
     def score(self, frames: np.ndarray) -> dict[str, float]:
         """Exact (unrounded) values of its columns for one clip's frames."""
+
+    def score_captioned(self, frames: list[np.ndarray], captions: list[str]) -> list[dict[str, float]]:
+        """Exact values of its columns for several clips, each with its caption (``needs_caption`` filters)."""
+        raise NotImplementedError(f"filter {self.name!r} does not score captions")
 
     @abstractmethod
     def accept(self, scores: dict[str, float]) -> str | None:
