@@ -305,6 +305,24 @@ def lineage(
         typer.echo(f"  promotion: {promotion.get('promotion.decision', '-')}: {promotion.get('promotion.reason', '-')}")
 
 
+@app.command()
+def studio(
+    host: Optional[str] = typer.Option(None, help="interface to bind (default: studio.host, 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="port (default: studio.port)"),
+    params: Optional[Path] = ParamsOpt,
+) -> None:
+    """Web page: generate with any registered model and LoRA, browse the curated data and the registry.
+
+    Basic auth: put user:password in the variable named by studio.auth_env (EASYANIMATE_STUDIO_AUTH)."""
+    settings = _settings(params)
+    from easyanimate.studio.app import launch  # imports gradio
+
+    try:
+        launch(settings, host=host, port=port)
+    except (ValueError, OSError) as exc:
+        _fail(f"studio: {exc}")
+
+
 vae_app = typer.Typer(no_args_is_help=True, help="Slice VAE tools.")
 app.add_typer(vae_app, name="vae")
 

@@ -9,6 +9,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -158,6 +159,7 @@ def _easyanimate_library_tuple(module) -> tuple[str, str] | None:
 
 class EasyAnimatePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents"]  # what callback_on_step_end may read and replace
 
     def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler):
         super().__init__()
@@ -244,6 +246,8 @@ class EasyAnimatePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_path: str | Path | list[str | Path] | None = None,
         fps: float = 8,
+        callback_on_step_end: Callable[["EasyAnimatePipeline", int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> EasyAnimatePipelineOutput:
         """Generate one video per prompt.
 
@@ -251,10 +255,17 @@ class EasyAnimatePipeline(DiffusionPipeline):
         their bytes; with it they are written there (one path, numbered ``_i`` for several prompts, or a
         list) and the result holds the paths. Memory: see ``enable_vae_slicing`` and
         ``enable_idle_component_offload``.
+
+        ``callback_on_step_end(pipe, step, timestep, tensors)`` runs after every denoising step (diffusers'
+        convention): ``tensors`` holds the names in ``callback_on_step_end_tensor_inputs`` (``latents``), and a
+        ``latents`` in the dict it returns replaces them. ``pipe.num_timesteps`` is the number of steps.
         """
         prompts, negatives = self._check_inputs(
             prompt, negative_prompt, num_frames, height, width, output_type, output_path
         )
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
         device = self._execution_device
         dtype = self.transformer.dtype
         batch = len(prompts)
@@ -288,7 +299,8 @@ class EasyAnimatePipeline(DiffusionPipeline):
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
 
-        for t in self.progress_bar(self.scheduler.timesteps):
+        self._num_timesteps = len(self.scheduler.timesteps)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             eps = self.transformer(model_in, t.expand(model_in.shape[0]), text, encoder_attention_mask=mask).sample
@@ -296,6 +308,10 @@ class EasyAnimatePipeline(DiffusionPipeline):
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
             latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}
+                returned = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                latents = (returned or {}).get("latents", latents)
 
         if output_type == "latent":
             frames = latents
@@ -311,6 +327,11 @@ class EasyAnimatePipeline(DiffusionPipeline):
                 videos = paths
             frames = videos
         return EasyAnimatePipelineOutput(frames=frames)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the current (or last) call."""
+        return getattr(self, "_num_timesteps", 0)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         video = self.vae.decode(
