@@ -19,16 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from peft import LoraConfig
 
-from easyanimate.config import GenerateConfig, load_settings, resolve_weight_path
+from easyanimate.config import GenerateConfig, load_settings
 from easyanimate.data.video_io import decode_frames, probe
-from easyanimate.models.dit import EasyAnimateTransformer3DModel
-from easyanimate.models.text_encoder import load_text_encoder
-from easyanimate.models.vae.slice_vae import SliceVAE
-from easyanimate.pipelines import EasyAnimatePipeline, make_scheduler, save_transformer_lora
 from easyanimate.serving.pyfunc import EasyAnimatePyfunc
+from tests.conftest import tiny_pipeline
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -52,22 +47,7 @@ def registry(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("serving")
-    torch.manual_seed(0)
-    tokenizer, encoder = load_text_encoder(resolve_weight_path(load_settings().weights.text_encoder, "w"))
-    dit = EasyAnimateTransformer3DModel(hidden_size=32, depth=2, num_heads=2, text_embed_dim=384)
-    with torch.no_grad():  # random output layer so generations are not all-zero noise predictions
-        for p in dit.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    pipe = EasyAnimatePipeline(
-        vae=SliceVAE(block_out_channels=(8, 8, 8, 8), norm_groups=4),
-        transformer=dit,
-        text_encoder=encoder,
-        tokenizer=tokenizer,
-        scheduler=make_scheduler("dpm++", {"num_train_timesteps": 1000}),
-    )
-    pipe.save_pretrained(root / "pipeline")
-    dit.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
-    save_transformer_lora(dit, root / "lora")
+    tiny_pipeline(root / "pipeline", root / "lora")
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
