@@ -1,10 +1,14 @@
 """Curation cost relative to a plain decode: ``python benchmarks/curation.py VIDEO... [--preset tiny]``.
 
 Prints, measured in this one process run:
-- ratio = wall time of curation analysis (probe + scene split + technical aesthetic + motion, i.e. the
-  single decode pass with every cheap filter; no clip encoding, OCR or captioning) / wall time of a
-  plain full PyAV decode of the same videos. Each is timed ``--rounds`` times, alternating, and the
+- ratio = wall time of curation analysis (probe + scene split + transition + technical aesthetic + motion +
+  dedup hashing, i.e. the single decode pass with every cheap filter; no clip encoding, OCR or captioning) /
+  wall time of a plain full PyAV decode of the same videos. Each is timed ``--rounds`` times, alternating, and the
   fastest round of each is used, which damps noise from other processes on the machine.
+- per-filter seconds per clip: each configured frame filter's ``score`` (text/OCR excluded: next line) on
+  the frames it asks for, every planned clip, after the decode; filters that cannot run say why (e.g.
+  ``alignment`` without CLIP weights). ``dedup`` is its per-clip hashing; the dataset-level decision is
+  ``benchmarks/dedup_index.py``.
 - OCR seconds per clip (easyocr detection on each clip's middle frame, weights from ``weights.ocr``).
 - captioning seconds per clip: the ``vlm`` captioner on ``caption.num_frames`` frames per clip, batched
   as in curation. Uses ``weights.captioner`` when set; otherwise a tiny randomly initialised BLIP
@@ -50,25 +54,42 @@ def curation_analysis(videos: list[Path], settings, hashes: dict) -> tuple[float
     return time.perf_counter() - t0, records
 
 
-def clip_frames(videos: list[Path], settings) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(middle frame, caption frames) of every planned clip, collected in one pass per video."""
+def clip_frames(videos: list[Path], settings) -> list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+    """(middle frame, caption frames, each active filter's frames) of every planned clip, one pass per video."""
     out = []
     curator, n = Curator(settings), settings.curate.caption.num_frames
 
-    def times(plan):
-        return [(plan.start_s + plan.end_s) / 2, *uniform_times(plan.start_s, plan.end_s, n)]
-
     for video in videos:
         info = probe(video)
-        scan_video(
-            video,
-            info,
-            settings.curate.scenes,
-            curator.analysis_size(info),
-            times_for=times,
-            on_clip=lambda plan, fr: out.append((fr[0], fr[1:])),
-        )
+
+        def times(plan, info=info):
+            mine = [(plan.start_s + plan.end_s) / 2, *uniform_times(plan.start_s, plan.end_s, n)]
+            return mine + curator.samples(plan, info).times()
+
+        def on_clip(plan, fr, info=info):
+            out.append((fr[0], fr[1 : 1 + n], curator.samples(plan, info).split(fr[1 + n :])))
+
+        scan_video(video, info, settings.curate.scenes, curator.analysis_size(info), times_for=times, on_clip=on_clip)
     return out
+
+
+def filter_seconds(frames, settings) -> None:
+    """Seconds per clip of each configured frame filter's ``score``, on the frames the single pass handed it."""
+    curator = Curator(settings)
+    curator.setup()
+    for f in curator.filters:
+        if f.skip_reason:
+            print(f"filter {f.name}: skipped ({f.skip_reason})")
+            continue
+        if f.needs_caption:
+            print(f"filter {f.name}: scored after captioning; not timed here")
+            continue
+        t0 = time.perf_counter()
+        for _, _, groups in frames:
+            f.score(groups[f.name])
+        print(
+            f"filter {f.name}: {(time.perf_counter() - t0) / len(frames) * 1000:.1f} ms/clip over {len(frames)} clips"
+        )
 
 
 def tiny_blip(folder: Path) -> Path:
@@ -150,6 +171,7 @@ def main() -> None:
     if not frames:
         print("no clips planned: OCR/caption figures skipped")
         return
+    filter_seconds(frames, settings)
     from easyanimate.data.filters.text import TextFilter
 
     device = resolve_device(base.curate.device)
@@ -162,7 +184,7 @@ def main() -> None:
     )
     ocr.setup(device)  # model load is a one-off, not a per-clip cost
     t0 = time.perf_counter()
-    for middle, _ in frames:
+    for middle, _, _ in frames:
         ocr.score(middle[None])
     print(f"OCR: {(time.perf_counter() - t0) / len(frames):.3f} s/clip over {len(frames)} clips")
 
@@ -183,7 +205,7 @@ def main() -> None:
         )
         captioner = VLMCaptioner.from_settings(vlm_settings)
         captioner.setup(device)
-        requests = [CaptionRequest("x", 0.0, 1.0, cap) for _, cap in frames]
+        requests = [CaptionRequest("x", 0.0, 1.0, cap) for _, cap, _ in frames]
         t0 = time.perf_counter()
         captioner.caption_clips(requests)
         print(

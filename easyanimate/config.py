@@ -123,7 +123,9 @@ class TransitionFilterConfig(_Section):
     edge_s: float = Field(0.5, ge=0, description="first/last frames are taken this far inside the clip")
     min_similarity: float = Field(0.5, ge=-1, le=1, description="lowest HSV-histogram correlation of two frames")
     min_embedding_similarity: float = Field(0.8, ge=-1, le=1, description="same, cosine of image embeddings")
-    min_luma_ratio: float = Field(0.5, ge=0, le=1, description="(darkest + 4) / (brightest + 4) mean luma; lower = fade")
+    min_luma_ratio: float = Field(
+        0.5, ge=0, le=1, description="(darkest + 4) / (brightest + 4) mean luma; lower = fade"
+    )
     max_side: int = Field(256, ge=32, description="frames are downscaled to this long side for the histograms")
 
 
@@ -132,7 +134,8 @@ class DedupConfig(_Section):
 
     enabled: bool = True
     keep: Literal["first", "best_aesthetic"] = Field(
-        "first", description="first: the clip already indexed, else earlier in manifest order; best_aesthetic: higher score"
+        "first",
+        description="first: the clip already indexed, else earlier in manifest order; best_aesthetic: higher score",
     )
     max_distance: int = Field(8, ge=0, le=11, description="pHash bits (of 64) within which two frames match")
     min_matching_frames: int = Field(3, ge=1, description="frames of each clip that must match the other's")

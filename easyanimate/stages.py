@@ -68,7 +68,15 @@ STAGES: tuple[StageSpec, ...] = (
         ("raw_videos", "captions"),
         ("curated",),
         cached=False,  # resumes per video instead
-        params=("curate", "weights.ocr", "weights.aesthetic_clip", "weights.aesthetic_head", "weights.captioner"),
+        params=(
+            "curate",
+            "weights.ocr",
+            "weights.aesthetic_clip",
+            "weights.aesthetic_head",
+            "weights.captioner",
+            "weights.frame_embedding",
+            "weights.caption_rewriter",
+        ),
         report_outs=("gate_report",),
         description="scene split, filters, captions, manifest and quality gate",
     ),

@@ -314,8 +314,10 @@ def test_manifest_round_trip(curated, tmp_path):
 def test_split_deterministic_with_val(curated):
     df, _, settings = curated
     acc = df[df["status"] == "accepted"]
+    # Distinct clips: no shared perceptual hash (near-duplicate removal is tested in test_curation_part2).
     fake = [
-        dict(r, clip_id=f"{r['clip_id']}-{i}", status="accepted") for i, r in enumerate([acc.iloc[0].to_dict()] * 5)
+        dict(r, clip_id=f"{r['clip_id']}-{i}", status="accepted", phash=None)
+        for i, r in enumerate([acc.iloc[0].to_dict()] * 5)
     ]
     m1, m2 = build_manifest(fake, settings), build_manifest(list(reversed(fake)), settings)
     assert (m1["split"] == "val").sum() >= 1
@@ -327,7 +329,7 @@ def test_split_deterministic_with_val(curated):
 def test_split_keeps_scenes_together(curated):
     """Pieces of one long scene are near-copies: they must all land on the same side of the split."""
     df, _, settings = curated
-    row = df[df["status"] == "accepted"].iloc[0].to_dict()
+    row = dict(df[df["status"] == "accepted"].iloc[0].to_dict(), phash=None)  # distinct clips, no shared hash
     fake = [
         dict(row, clip_id=f"c{scene}-{piece}", scene_id=f"s{scene}", status="accepted")
         for scene in range(12)
@@ -623,6 +625,10 @@ def test_run_stage_gate_failure(two_videos, tmp_path):
     assert result.metrics["curate/gate_passed"] == 0.0 and result.metrics["curate/reject.no_caption"] == 4
     assert not (tmp_path / "reports" / "metrics.json").exists()  # write_reports=False leaves the reports alone
     assert json.loads((tmp_path / "curated" / "gate.json").read_text())["success"] is False
+    # A configured filter that cannot run is named in the run summary, with the reason.
+    skipped = pd.read_csv(tmp_path / "curated" / "summary" / "skipped_filters.csv")
+    assert "weights.aesthetic_clip" in skipped.set_index("filter").loc["alignment", "reason"]
+    assert result.metrics["curate/skipped.alignment"] == 1.0
 
 
 def test_captioner_registry_and_lazy_setup(tmp_path):

@@ -113,7 +113,9 @@ def test_single_pass_decodes_once(trailer_head, monkeypatch):
     real_open = av.open
     monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
     monkeypatch.setattr(curate_mod, "decode_frames", lambda *a, **k: pytest.fail("per-clip decode"))
-    recs = analyse_video(trailer_head, "h", _settings(text={"enabled": False}), SidecarCaptioner([]))
+    # The trailer's shots fade in from black: let the transition filter pass them (not what this test is about).
+    settings = _settings(text={"enabled": False}, transition={"min_similarity": -1.0, "min_luma_ratio": 0.0})
+    recs = analyse_video(trailer_head, "h", settings, SidecarCaptioner([]))
     assert len(opened) == 2  # probe (two frames) + the scan
     assert sum(r["aesthetic"] is not None for r in recs) >= 3
 
@@ -131,6 +133,7 @@ def test_vlm_captions_batched_across_clips(trailer_head, tiny_blip):
                 "text": {"enabled": False},
                 "aesthetic": {"threshold": 0.0},
                 "motion": {"low": 0.0, "high": 1.0},
+                "transition": {"min_similarity": -1.0, "min_luma_ratio": 0.0},
                 "caption": {"captioner": "vlm", "num_frames": 2, "batch_size": 4, "max_new_tokens": 4},
             },
         },

@@ -70,7 +70,7 @@ def test_laion_scores_with_local_weights(tiny_laion, frames, monkeypatch):
     loads = []
     real_init = LaionAesthetic.__init__
     monkeypatch.setattr(LaionAesthetic, "__init__", lambda self, *a: loads.append(a) or real_init(self, *a))
-    aesthetic = build_filters(_laion_settings(0.0, **tiny_laion))[0]
+    aesthetic = next(f for f in build_filters(_laion_settings(0.0, **tiny_laion)) if f.name == "aesthetic")
     assert aesthetic.name == "aesthetic" and aesthetic.uses_device and loads == []  # nothing loads before setup
     aesthetic.setup("cpu")
     aesthetic.setup("cpu")
