@@ -268,7 +268,7 @@ def lineage(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from easyanimate.lineage import model_lineage
+    from easyanimate.lineage import LINEAGE_FACTS, model_lineage
     from easyanimate.stages import STAGE_NAMES
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", settings.registry.tracking_uri))
@@ -280,15 +280,7 @@ def lineage(
         typer.echo(json.dumps(info, indent=2))
         return
     typer.secho(f"{info['model']}  aliases: {', '.join(info['aliases']) or '-'}", bold=True)
-    for key in (
-        "curated_data_dvc_hash",
-        "git_commit",
-        "params_hash",
-        "params_artifact",
-        "warm_start",
-        "pipeline_run_id",
-        "register_run_id",
-    ):
+    for key in LINEAGE_FACTS:
         typer.echo(f"  {key:22s} {info[key] or '-'}")
     typer.echo("  checkpoints:")
     for stage, ckpt in info["checkpoints"].items():

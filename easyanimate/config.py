@@ -437,6 +437,18 @@ class GenerateConfig(_Section):
     max_frames: int = Field(256, ge=1, description="most frames a served request may ask for")
     max_inference_steps: int = Field(200, ge=1, description="most denoising steps a served request may ask for")
 
+    def pipeline_kwargs(self, max_text_tokens: int) -> dict:
+        """``EasyAnimatePipeline.__call__`` arguments these settings give (prompt, generator and output aside)."""
+        return {
+            "negative_prompt": self.negative_prompt or None,
+            "num_frames": self.num_frames,
+            "height": self.height,
+            "width": self.width,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "max_text_tokens": max_text_tokens,
+        }
+
 
 class EvaluateConfig(_Section):
     val_timesteps: tuple[int, ...] = (100, 500, 900)

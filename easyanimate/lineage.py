@@ -47,6 +47,16 @@ def params_hash(settings: Settings) -> str:
 # Model-version tag names. ``register`` writes them, ``model_lineage`` reads them back.
 CHECKPOINT_TAG = "checkpoint.{stage}.{field}"  # field: path | dvc_hash | parent
 RUN_TAG = "run.{stage}"
+# What `easyanimate lineage` and the studio show first, in this order.
+LINEAGE_FACTS = (
+    "curated_data_dvc_hash",
+    "git_commit",
+    "params_hash",
+    "params_artifact",
+    "warm_start",
+    "pipeline_run_id",
+    "register_run_id",
+)
 PARAMS_ARTIFACT = "config/params.yaml"
 
 

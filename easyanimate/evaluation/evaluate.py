@@ -132,15 +132,9 @@ def generate_samples(settings: Settings, pipe, out_dir: Path) -> tuple[dict[str,
         generator = torch.Generator().manual_seed(g.seed + i)
         frames = pipe(
             prompt,
-            negative_prompt=g.negative_prompt or None,
-            num_frames=g.num_frames,
-            height=g.height,
-            width=g.width,
-            num_inference_steps=g.num_inference_steps,
-            guidance_scale=g.guidance_scale,
             generator=generator,
             output_type="np",
-            max_text_tokens=settings.dit.model.max_text_tokens,
+            **settings.generate.pipeline_kwargs(settings.dit.model.max_text_tokens),
         ).frames[0]
         mp4 = out_dir / "samples" / f"sample_{i}.mp4"
         write_video(frames, mp4, fps=g.fps)

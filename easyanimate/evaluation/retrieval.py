@@ -86,15 +86,9 @@ def caption_retrieval(settings: Settings, pipe, clips: list[ClipFrames]) -> Retr
         generator = torch.Generator().manual_seed(settings.evaluate.seed + i)
         latents = pipe(
             caption,
-            negative_prompt=g.negative_prompt or None,
-            num_frames=g.num_frames,
-            height=g.height,
-            width=g.width,
-            num_inference_steps=g.num_inference_steps,
-            guidance_scale=g.guidance_scale,
             generator=generator,
             output_type="latent",
-            max_text_tokens=settings.dit.model.max_text_tokens,
+            **settings.generate.pipeline_kwargs(settings.dit.model.max_text_tokens),
         ).frames[0]
         for j, windows in enumerate(targets):
             mse = ((windows - latents.unsqueeze(0).to(windows.dtype)) ** 2).flatten(1).mean(1)

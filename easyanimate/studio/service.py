@@ -871,16 +871,9 @@ class Studio:
         from easyanimate.stages import STAGE_NAMES
 
         lines = [f"**{info['model']}**  aliases: {', '.join('@' + a for a in info['aliases']) or '-'}", ""]
-        keys = (
-            "curated_data_dvc_hash",
-            "git_commit",
-            "params_hash",
-            "params_artifact",
-            "warm_start",
-            "pipeline_run_id",
-            "register_run_id",
-        )
-        lines += ["| fact | value |", "|---|---|", *(f"| {k} | `{info[k] or '-'}` |" for k in keys), ""]
+        from easyanimate.lineage import LINEAGE_FACTS
+
+        lines += ["| fact | value |", "|---|---|", *(f"| {k} | `{info[k] or '-'}` |" for k in LINEAGE_FACTS), ""]
         if info["checkpoints"]:
             lines += ["| checkpoint | path | DVC hash | parent |", "|---|---|---|---|"]
             for stage, c in info["checkpoints"].items():

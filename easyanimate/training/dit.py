@@ -349,15 +349,9 @@ def render_samples(settings: Settings, vae_dir: Path, dit_dir: Path, out_dir: Pa
     for i, prompt in enumerate(g.prompts):
         frames = pipe(
             prompt,
-            negative_prompt=g.negative_prompt or None,
-            num_frames=g.num_frames,
-            height=g.height,
-            width=g.width,
-            num_inference_steps=g.num_inference_steps,
-            guidance_scale=g.guidance_scale,
             generator=torch.Generator().manual_seed(g.seed + i),
             output_type="np",
-            max_text_tokens=settings.dit.model.max_text_tokens,
+            **settings.generate.pipeline_kwargs(settings.dit.model.max_text_tokens),
         ).frames[0]
         path = Path(out_dir) / f"sample_{i}.mp4"
         write_video(frames, path, fps=g.fps)
