@@ -210,6 +210,9 @@ def test_compose_reads_every_setting_from_the_environment():
     }
     assert used <= defined, f"not in infra/.env.example: {sorted(used - defined)}"
     assert not re.search(r"PASSWORD:\s*[^$\s]", compose), "passwords come from the environment only"
+    ports = [p for service in services.values() for p in service.get("ports", [])]
+    assert ports and all(p.startswith("${INFRA_BIND}:") for p in ports), ports
+    assert "INFRA_BIND=127.0.0.1" in (REPO / "infra" / ".env.example").read_text().splitlines()
 
 
 def test_warm_start_checks_the_architecture(tmp_path):
