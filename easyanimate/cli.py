@@ -63,7 +63,6 @@ def run(
     if stage not in STAGE_NAMES:
         _fail(f"unknown stage {stage!r}; stages are {', '.join(STAGE_NAMES)}")
     _settings(params)
-    _warn_if_dvc_yaml_stale(params)
     from easyanimate.stage_api import StageFailed
     from flows.common import stage_flow
 
@@ -72,21 +71,6 @@ def run(
     except StageFailed as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"stage": stage, **result.get("metrics", {})}, indent=2, default=str))
-
-
-def _warn_if_dvc_yaml_stale(params: Optional[Path]) -> None:
-    """DVC only sees the params dvc.yaml lists: say so when it no longer matches the specs and params file."""
-    from easyanimate.stages import dvc_yaml
-
-    committed = Path("dvc.yaml")
-    if committed.exists() and (params is None or params == Path("params.yaml")):
-        if committed.read_text() != dvc_yaml("params.yaml", Path.cwd()):
-            typer.secho(
-                "warning: dvc.yaml is out of date with easyanimate/stages.py or params.yaml; "
-                "run `easyanimate dvc-yaml` so `dvc repro` tracks every setting",
-                fg=typer.colors.YELLOW,
-                err=True,
-            )
 
 
 @app.command("dvc-yaml")

@@ -501,7 +501,10 @@ class RetrainConfig(_Section):
 class StudioConfig(_Section):
     """``easyanimate studio``, the local web page (``easyanimate/studio/``)."""
 
-    host: str = Field("127.0.0.1", description="interface to bind (loopback by default); any other address exposes the page to the network")
+    host: str = Field(
+        "127.0.0.1",
+        description="interface to bind (loopback by default); any other address exposes the page to the network",
+    )
     port: int = Field(7860, ge=1, le=65535)
     concurrency: int = Field(1, ge=1, description="generations the queue runs at once")
     max_results: int = Field(12, ge=1, description="earlier results of a session kept in its gallery")

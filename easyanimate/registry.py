@@ -42,7 +42,6 @@ from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_
 
 REGISTRY_SCHEME = "models:/"
 PIPELINE_MARKER = "model_index.json"  # a saved pipeline folder holds it at its root
-MODEL_STAGES = TRAINED_STAGES  # the stages whose model folders a registered pipeline is built from
 REEVAL_TAG = "reevaluated.{data}.{protocol}"  # on a version: its metrics on another data/protocol, as JSON
 WARM_START_TAG = "warm_start"  # on a version: the model its training continued from (``model_lineage`` reads it)
 TAG_VALUE_LIMIT = 5000  # MLflow's limit on a model-version tag value
@@ -222,9 +221,9 @@ def lineage_tags(settings: Settings, client: MlflowClient, run, upstream_run_id:
     )
     # A stage run's parent_checkpoint tag is its actual init folder; otherwise its model inputs are its parents.
     parents = {}
-    for stage in MODEL_STAGES:
+    for stage in TRAINED_STAGES:
         tagged = client.get_run(runs[stage][0]).data.tags.get("parent_checkpoint") if stage in runs else None
-        model_deps = [d for d in get_stage(stage).deps if d in MODEL_STAGES]
+        model_deps = [d for d in get_stage(stage).deps if d in TRAINED_STAGES]
         parents[stage] = tagged or ",".join(str(getattr(settings.paths, d)) for d in model_deps)
     return {
         "git_commit": git_commit(),
@@ -235,7 +234,7 @@ def lineage_tags(settings: Settings, client: MlflowClient, run, upstream_run_id:
         "evaluate_run_id": upstream_run_id or (runs["evaluate"][0] if "evaluate" in runs else ""),
         "pipeline_run_id": parent_run_id or "",
         "register_run_id": run.info.run_id,
-        **checkpoint_tags({s: getattr(settings.paths, s) for s in MODEL_STAGES}, parents),
+        **checkpoint_tags({s: getattr(settings.paths, s) for s in TRAINED_STAGES}, parents),
         **{RUN_TAG.format(stage=s): run_id for s, (run_id, _) in runs.items()},
         "lineage.runs_found_by": json.dumps({s: how for s, (_, how) in runs.items()}, sort_keys=True)[:TAG_VALUE_LIMIT],
     }

@@ -6,7 +6,6 @@ only, so editing the DAG never changes a stage's derived code version.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +86,3 @@ def write_reports(report_dir: Path, metrics: dict, losses: Sequence[float] | Non
 def read_json(path: Path) -> dict | None:
     path = Path(path)
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def read_loss_csv(path: Path) -> list[tuple[int, float]]:
-    with open(path) as handle:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]

@@ -382,9 +382,9 @@ def report_dir(settings: Settings, name: str) -> Path:
     return settings.paths.reports / name
 
 
-def checkpoint_dir(settings: Settings, name: str) -> Path:
+def checkpoint_dir(settings: Settings, name: str, inputs_hash: str | None = None) -> Path:
     # Keyed by inputs + settings: a changed config never resumes from a stale run's checkpoints.
-    return settings.paths.checkpoints / f"{name}-{stage_inputs_hash(name, settings)}"
+    return settings.paths.checkpoints / f"{name}-{inputs_hash or stage_inputs_hash(name, settings)}"
 
 
 def outputs_present(name: str, settings: Settings) -> bool:
@@ -396,12 +396,14 @@ def outputs_present(name: str, settings: Settings) -> bool:
 
 
 # ------------------------------------------------------------------------------- running a stage
-def make_context(name: str, settings: Settings, **overrides) -> StageContext:
+def make_context(name: str, settings: Settings, inputs_hash: str | None = None, **overrides) -> StageContext:
+    """``inputs_hash``: the stage's ``stage_inputs_hash`` when the caller already has it (hashing the data
+    twice per stage is the slow part at real scale)."""
     trains = get_stage(name).trains
     defaults = {
         "report_dir": report_dir(settings, name),
         "warm_start": warm_start_dir(name, settings),
-        "checkpoint_dir": checkpoint_dir(settings, name) if trains else settings.paths.checkpoints / name,
+        "checkpoint_dir": checkpoint_dir(settings, name, inputs_hash) if trains else settings.paths.checkpoints / name,
     }
     return StageContext(**{**defaults, **overrides})
 

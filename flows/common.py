@@ -117,11 +117,13 @@ def stage_task(
     of its inputs, so an unchanged rerun is a cache hit. Missing outputs force a refresh, not a stale hit.
     """
     spec = get_stage(name)
+    inputs = stage_inputs_hash(name, settings) if spec.cached or spec.trains else None
 
     def body() -> dict:
         ctx = make_context(
             name,
             settings,
+            inputs_hash=inputs,
             parent_run_id=parent_run_id,
             upstream_run_id=upstream_run_id,
             params_path=params_path,
@@ -135,7 +137,7 @@ def stage_task(
 
     options: dict = {}
     if spec.cached:
-        key = f"{name}-{stage_inputs_hash(name, settings)}"
+        key = f"{name}-{inputs}"
         options = {
             "persist_result": True,
             "cache_key_fn": lambda *_: key,
