@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -14,6 +15,7 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="EasyAnimate text-to-video: curate, train, evaluate, serve."
 )
 ParamsOpt = typer.Option(None, "--params", "-p", help="params file (default: params.yaml or $EASYANIMATE_PARAMS)")
+WaitOpt = typer.Option(False, "--wait", help="queue behind a command that holds the workspace instead of failing")
 
 
 def _fail(message: str) -> None:
@@ -27,6 +29,32 @@ def _settings(params: Optional[Path], preset: Optional[str] = None):
     try:
         return load_settings(params, preset=preset)
     except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Failures with a one-line cause for the user: printed as such (rc 2), never as a traceback."""
+    from easyanimate.stage_api import StageFailed
+    from easyanimate.tracking import TrackingUnavailable
+    from easyanimate.utils import CorruptCheckpoint
+    from easyanimate.workspace import WorkspaceBusy
+
+    return (StageFailed, TrackingUnavailable, CorruptCheckpoint, WorkspaceBusy)
+
+
+@contextlib.contextmanager
+def _writer(command: str, settings, wait: bool) -> Iterator[None]:
+    """The workspace lock around a command that changes state, taken before anything opens the MLflow or
+    Prefect databases; then a fast check that the tracking server answers."""
+    from easyanimate.tracking import check_tracking_server
+    from easyanimate.workspace import workspace_lock
+
+    errors = _user_errors()
+    try:
+        with workspace_lock(command, wait=wait):
+            check_tracking_server(settings)
+            yield
+    except errors as exc:
         _fail(str(exc))
 
 
@@ -55,21 +83,20 @@ def config(params: Optional[Path] = ParamsOpt, preset: Optional[str] = typer.Opt
 
 @app.command()
 def run(
-    stage: str = typer.Argument(..., help="a stage name (see `easyanimate stages`)"), params: Optional[Path] = ParamsOpt
+    stage: str = typer.Argument(..., help="a stage name (see `easyanimate stages`)"),
+    params: Optional[Path] = ParamsOpt,
+    wait: bool = WaitOpt,
 ) -> None:
     """Run one stage as a versioned, cached Prefect task (this is what each ``dvc.yaml`` stage calls)."""
     from easyanimate.stages import STAGE_NAMES
 
     if stage not in STAGE_NAMES:
         _fail(f"unknown stage {stage!r}; stages are {', '.join(STAGE_NAMES)}")
-    _settings(params)
-    from easyanimate.stage_api import StageFailed
-    from flows.common import stage_flow
+    settings = _settings(params)
+    with _writer(f"easyanimate run {stage}", settings, wait):
+        from flows.common import stage_flow
 
-    try:
         result = stage_flow(stage, str(params) if params else None)
-    except StageFailed as exc:
-        _fail(str(exc))
     typer.echo(json.dumps({"stage": stage, **result.get("metrics", {})}, indent=2, default=str))
 
 
@@ -102,12 +129,14 @@ def dvc_yaml(
 def pipeline(
     params: Optional[Path] = ParamsOpt,
     version_data: bool = typer.Option(True, help="dvc commit + push the outputs at the end"),
+    wait: bool = WaitOpt,
 ) -> None:
     """Run the whole DAG as one Prefect flow with one parent MLflow run."""
-    _settings(params)
-    from flows.pipeline import pipeline_flow
+    settings = _settings(params)
+    with _writer("easyanimate pipeline", settings, wait):
+        from flows.pipeline import pipeline_flow
 
-    summary = pipeline_flow(str(params) if params else None, version_data=version_data)
+        summary = pipeline_flow(str(params) if params else None, version_data=version_data)
     typer.secho(f"generated video:  {summary['generated_video']}", fg=typer.colors.GREEN)
     typer.secho(
         f"registered model: {summary['registered_model']}"
@@ -126,16 +155,14 @@ def curate(
     output_dir: Path = typer.Argument(...),
     preset: Optional[str] = typer.Option(None, help="tiny | paper"),
     params: Optional[Path] = ParamsOpt,
+    wait: bool = WaitOpt,
 ) -> None:
     """Curate a folder of videos into OUTPUT_DIR/manifest.parquet and OUTPUT_DIR/clips/."""
-    _settings(params, preset)
-    from easyanimate.stage_api import StageFailed
-    from flows.curate import curate_flow
+    settings = _settings(params, preset)
+    with _writer(f"easyanimate curate {input_dir} {output_dir}", settings, wait):
+        from flows.curate import curate_flow
 
-    try:
         result = curate_flow(str(params) if params else None, str(input_dir), str(output_dir), preset=preset)
-    except StageFailed as exc:
-        _fail(str(exc))
     typer.echo(json.dumps(result["metrics"], indent=2))
     typer.secho(f"manifest: {result['manifest']}  accepted clips: {result['accepted']}", fg=typer.colors.GREEN)
 
@@ -161,42 +188,56 @@ def generate(
         "lora stage, or models:/NAME@ALIAS of a registered adapter",
     ),
     lora_scale: float = typer.Option(1.0, help="adapter strength (0 = base model)"),
-    steps: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    frames: Optional[int] = typer.Option(None),
-    height: Optional[int] = typer.Option(None),
-    width: Optional[int] = typer.Option(None),
-    guidance: Optional[float] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None, min=1, help="denoising steps (default: generate.num_inference_steps)"),
+    seed: Optional[int] = typer.Option(None, min=0),
+    frames: Optional[int] = typer.Option(None, min=1, help="1, or a multiple of 4 >= 8 (default: generate.num_frames)"),
+    height: Optional[int] = typer.Option(None, min=1, help="pixels, at most generate.max_side"),
+    width: Optional[int] = typer.Option(None, min=1, help="pixels, at most generate.max_side"),
+    guidance: Optional[float] = typer.Option(None, min=1.0),
     negative_prompt: Optional[str] = typer.Option(None),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Generate a video for PROMPT with a trained pipeline."""
+    from easyanimate.config import frame_count_problem
+
     settings = _settings(params)
     g = settings.generate
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in ("mp4", "gif"):
+        _fail(f"--out must end in .mp4 or .gif, got {out}")
+    # An explicit value is used as given (0 is refused by typer above, never replaced by the default).
+    num_frames = g.num_frames if frames is None else frames
+    height = g.height if height is None else height
+    width = g.width if width is None else width
+    steps = g.num_inference_steps if steps is None else steps
+    problem = frame_count_problem(num_frames, g.max_frames)
+    if problem:
+        _fail(f"--frames: {problem} (generate.max_frames)")
+    for flag, value in (("--height", height), ("--width", width)):
+        if value > g.max_side:
+            _fail(f"{flag} {value} is above generate.max_side={g.max_side}")
+    if steps > g.max_inference_steps:
+        _fail(f"--steps {steps} is above generate.max_inference_steps={g.max_inference_steps}")
     import torch
 
     from easyanimate.pipelines import EasyAnimatePipeline
     from easyanimate.registry import lora_path
 
-    fmt = out.suffix.lower().lstrip(".")
-    if fmt not in ("mp4", "gif"):
-        _fail(f"--out must end in .mp4 or .gif, got {out}")
     pipe = EasyAnimatePipeline.from_pretrained(resolve_pipeline_dir(model or str(settings.paths.pipeline), settings))
     if lora:
         try:
             pipe.load_lora_weights(lora_path(lora, settings.registry.tracking_uri), scale=lora_scale)
         except (FileNotFoundError, ValueError) as exc:
             _fail(f"--lora {lora}: {exc}")
-    num_frames = frames or g.num_frames
     try:
         result = pipe(
             prompt,
             negative_prompt=negative_prompt if negative_prompt is not None else (g.negative_prompt or None),
             num_frames=num_frames,
-            height=height or g.height,
-            width=width or g.width,
-            num_inference_steps=steps or g.num_inference_steps,
-            guidance_scale=guidance or g.guidance_scale,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=g.guidance_scale if guidance is None else guidance,
             generator=torch.Generator().manual_seed(g.seed if seed is None else seed),
             output_type=fmt,
             output_path=out,
@@ -206,7 +247,7 @@ def generate(
     except ValueError as exc:
         _fail(str(exc))
     typer.secho(
-        f"wrote {result.frames[0]} ({num_frames} frames, {width or g.width}x{height or g.height})",
+        f"wrote {result.frames[0]} ({num_frames} frames, {width}x{height})",
         fg=typer.colors.GREEN,
     )
 
@@ -216,16 +257,18 @@ def promote(
     version: Optional[str] = typer.Option(None, help="model version (default: the latest)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="decide and print; change no alias or tag"),
     params: Optional[Path] = ParamsOpt,
+    wait: bool = WaitOpt,
 ) -> None:
     """Gated promotion: VERSION becomes champion only if its gates passed and it beats the champion by the
     margins in registry.promotion (the register stage runs this after every registration)."""
     settings = _settings(params)
     from easyanimate.registry import promote_version
 
-    try:
-        outcome = promote_version(settings, version, dry_run=dry_run)
-    except (LookupError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    with _writer("easyanimate promote", settings, wait):
+        try:
+            outcome = promote_version(settings, version, dry_run=dry_run)
+        except (LookupError, FileNotFoundError) as exc:
+            _fail(str(exc))
     typer.echo(outcome["markdown"])
     colour = typer.colors.GREEN if outcome["promoted"] else typer.colors.YELLOW
     typer.secho(

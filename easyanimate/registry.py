@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -36,9 +37,9 @@ from easyanimate.lineage import (
 )
 from easyanimate.promotion import Candidate, Decision, decide
 from easyanimate.stage_api import StageContext, StageResult, read_json, write_reports
-from easyanimate.stages import STAGE_NAMES, TRAINED_STAGES, get_stage, report_dir, stage_version
-from easyanimate.tracking import log_files, log_metrics, setup_mlflow, stage_run, tracking_uri
-from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_text
+from easyanimate.stages import STAGE_NAMES, TRAINED_STAGES, get_stage, report_dir, stage_inputs_hash, stage_version
+from easyanimate.tracking import log_files, log_metrics, setup_mlflow, stage_run, tracking_uri, workspace_tags
+from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_text, verify_safetensors
 
 REGISTRY_SCHEME = "models:/"
 PIPELINE_MARKER = "model_index.json"  # a saved pipeline folder holds it at its root
@@ -139,12 +140,14 @@ def pipeline_folder(ref: str | Path, tracking_uri: str | None = None, dst: str |
     (downloaded, into ``dst`` when given: see ``download_model``)."""
     ref = str(ref)
     if ref.startswith(REGISTRY_SCHEME):
-        return _folder_holding(download_model(ref, dst, tracking_uri), PIPELINE_MARKER, ref, "pipeline folder")
-    path = Path(ref)
-    if not (path / PIPELINE_MARKER).is_file():
-        raise FileNotFoundError(
-            f"{ref} is not a pipeline folder (no {PIPELINE_MARKER}); run the pipeline or pass models:/NAME@ALIAS"
-        )
+        path = _folder_holding(download_model(ref, dst, tracking_uri), PIPELINE_MARKER, ref, "pipeline folder")
+    else:
+        path = Path(ref)
+        if not (path / PIPELINE_MARKER).is_file():
+            raise FileNotFoundError(
+                f"{ref} is not a pipeline folder (no {PIPELINE_MARKER}); run the pipeline or pass models:/NAME@ALIAS"
+            )
+    verify_safetensors(path)
     return path
 
 
@@ -175,6 +178,33 @@ def tag_version(client: MlflowClient, uri: str, tags: dict[str, str]) -> None:
         client.set_model_version_tag(name, version, key, str(value)[:TAG_VALUE_LIMIT])
 
 
+# ------------------------------------------------------------------------------------------ resume
+REGISTER_KEY_TAG = "easyanimate.register_key"  # the register stage's inputs hash
+REGISTERED_TAG = "easyanimate.registered"  # set last: the version's tags are complete
+
+
+def register_key(settings: Settings) -> str:
+    return stage_inputs_hash("register", settings)
+
+
+def finished_version(client: MlflowClient, name: str, key: str) -> ModelVersion | None:
+    """The version of ``name`` an earlier register stage made from these same inputs, when it finished
+    tagging it; a version a killed attempt left half-tagged is deleted (it never became an alias)."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        if version.tags.get(REGISTER_KEY_TAG) != key:
+            continue
+        if version.tags.get(REGISTERED_TAG) == "true":
+            return version
+        if not version.aliases:
+            print(f"deleting models:/{name}/{version.version}: a killed register attempt left it half-made")
+            client.delete_model_version(name, version.version)
+    return None
+
+
 # ------------------------------------------------------------------------------------------ runs
 @contextlib.contextmanager
 def _register_run(settings: Settings, parent_run_id: str | None) -> Iterator[mlflow.ActiveRun]:
@@ -194,6 +224,7 @@ def _sibling_run(run_name: str, parent_run_id: str | None, tags: dict[str, str])
     ``mlflow.start_run`` refuses a parent other than the active run, so with one active the run is
     created by the client and then pushed onto the fluent stack (``log_model`` writes into it).
     """
+    tags = {**workspace_tags(), **tags}
     active = mlflow.active_run()
     if active is None:
         with mlflow.start_run(
@@ -260,6 +291,17 @@ def register_pipeline(
         raise FileNotFoundError(f"{evaluation}/gate.json and metrics.json are missing: run the evaluate stage first")
     data_gate = read_json(settings.paths.curated / "gate.json")
     name = settings.registry.model_name
+    key = register_key(settings)
+    done = finished_version(client, name, key)
+    if done is not None:  # a rerun after a kill: the version exists, finish the stage around it
+        print(f"models:/{name}/{done.version} was registered from these inputs already; reusing it")
+        return {
+            "model": name,
+            "version": str(done.version),
+            "uri": f"{REGISTRY_SCHEME}{name}/{done.version}",
+            "run_id": done.run_id,
+            **{k: done.tags.get(k, "") for k in REGISTER_SUMMARY_TAGS},
+        }
     with _register_run(settings, parent_run_id) as active:
         run = client.get_run(active.info.run_id)
         params_file = Path(params_path or "params.yaml")
@@ -294,29 +336,30 @@ def register_pipeline(
             "eval_num_val_clips": str(len(context.get("val_clip_ids", []))),
             **{f"skipped.{k}": v for k, v in gate.get("skipped", {}).items()},
             **{k: f"{v:.6g}" for k, v in eval_metrics.items()},
+            REGISTER_KEY_TAG: key,
         }
         uri = f"{REGISTRY_SCHEME}{name}/{version}"
-        tag_version(client, uri, tags)
+        tag_version(client, uri, {**tags, REGISTERED_TAG: "true"})  # dicts keep order: the marker goes last
         mlflow.set_tags({"registered_model": uri})
     return {
         "model": name,
         "version": version,
         "uri": uri,
         "run_id": run.info.run_id,
-        **{
-            k: tags[k]
-            for k in (
-                "git_commit",
-                "curated_data_dvc_hash",
-                "params_hash",
-                "pipeline_dvc_hash",
-                "lora_dvc_hash",
-                "evaluate_run_id",
-                "eval_passed",
-                "data_gate_passed",
-            )
-        },
+        **{k: tags[k] for k in REGISTER_SUMMARY_TAGS},
     }
+
+
+REGISTER_SUMMARY_TAGS = (
+    "git_commit",
+    "curated_data_dvc_hash",
+    "params_hash",
+    "pipeline_dvc_hash",
+    "lora_dvc_hash",
+    "evaluate_run_id",
+    "eval_passed",
+    "data_gate_passed",
+)
 
 
 def register_lora_adapter(
@@ -341,6 +384,12 @@ def register_lora_adapter(
     name = settings.lora.registered_model
     base_uri = f"{REGISTRY_SCHEME}{base_model_name}/{base_version}"
     adapter_bytes = sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file())
+    key = f"{register_key(settings)}-lora-of-{base_version}"
+    done = finished_version(client, name, key)
+    if done is not None:
+        version = str(done.version)
+        print(f"models:/{name}/{version} was registered for {base_uri} already; reusing it")
+        return _lora_alias(client, settings, name, version, base_model_name, base_version, adapter_bytes)
     with _sibling_run("register_lora", parent_run_id, {"lora_base_model": base_uri}):
         model = EasyAnimatePyfunc(
             generate=settings.generate,
@@ -372,8 +421,24 @@ def register_lora_adapter(
             "lora_default_scale": str(settings.lora.default_scale),
             "adapter_bytes": str(adapter_bytes),
             "lora_dvc_hash": dvc_hash(adapter),
+            REGISTER_KEY_TAG: key,
+            REGISTERED_TAG: "true",
         },
     )
+    return _lora_alias(client, settings, name, version, base_model_name, base_version, adapter_bytes)
+
+
+def _lora_alias(
+    client: MlflowClient,
+    settings: Settings,
+    name: str,
+    version: str,
+    base_model_name: str,
+    base_version: str,
+    adapter_bytes: int,
+) -> dict:
+    uri = f"{REGISTRY_SCHEME}{name}/{version}"
+    base_uri = f"{REGISTRY_SCHEME}{base_model_name}/{base_version}"
     tag_version(client, base_uri, {"lora_model_uri": uri})
     champion = settings.registry.champion_alias
     alias = None

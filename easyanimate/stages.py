@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 from easyanimate.config import Settings
 from easyanimate.stage_api import StageContext, StageFailed, StageResult
-from easyanimate.utils import hash_path
+from easyanimate.utils import hash_path, verify_safetensors
 
 PACKAGE = "easyanimate"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -415,6 +415,8 @@ def run_stage(
     artifacts). Raises ``StageFailed`` after logging when the stage's own gate refused its result."""
     spec = get_stage(name)
     ctx = ctx or make_context(name, settings, **context)
+    for dep in spec.deps:  # a truncated upstream weight file fails here, by name, instead of deep in a loader
+        verify_safetensors(getattr(settings.paths, dep))
     entry = spec.load()
     if not track:
         result = entry(settings, ctx)

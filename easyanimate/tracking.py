@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,14 +22,84 @@ from easyanimate.config import Settings
 PARENT_RUN_ENV = "EASYANIMATE_MLFLOW_PARENT_RUN_ID"
 
 
+WORKSPACE_TAG = "easyanimate.workspace"
+PID_TAG = "easyanimate.pid"
+SESSION_TAG = "easyanimate.session"
+# Pids repeat (containers start at 1); a per-process id says "this process" without doubt.
+SESSION_ID = uuid.uuid4().hex
+_reachable: set[str] = set()
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer; one line naming the URI. Not an OSError, so nothing retries it."""
+
+
 def tracking_uri(settings: Settings) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", settings.registry.tracking_uri)
 
 
+def check_tracking_server(settings: Settings) -> str:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer its health check; also bound
+    MLflow's own request timeout and retries by ``registry.http_timeout_s``/``http_retries`` (an operator's
+    ``MLFLOW_HTTP_REQUEST_*`` variables win)."""
+    uri = tracking_uri(settings)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.registry.http_timeout_s))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.registry.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    if not uri.startswith(("http://", "https://")) or uri in _reachable:
+        return uri
+    import requests
+
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=settings.registry.http_timeout_s)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200]
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it or fix MLFLOW_TRACKING_URI / "
+            "registry.tracking_uri"
+        ) from None
+    if response.status_code >= 500:
+        raise TrackingUnavailable(f"MLflow tracking server {uri} answered its health check with {response.status_code}")
+    _reachable.add(uri)
+    return uri
+
+
+def workspace_tags() -> dict[str, str]:
+    """Tags that tie a run to this workspace and process, so a later command can close it if it was killed."""
+    from easyanimate.runtime import state_dir
+
+    return {WORKSPACE_TAG: str(state_dir()), PID_TAG: str(os.getpid()), SESSION_TAG: SESSION_ID}
+
+
 def setup_mlflow(settings: Settings) -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri(settings))
+    mlflow.set_tracking_uri(check_tracking_server(settings))
     mlflow.set_experiment(settings.registry.experiment)
     return MlflowClient()
+
+
+def close_dangling_runs(settings: Settings) -> list[str]:
+    """Mark KILLED every run of this workspace still RUNNING from another process.
+
+    Call with the workspace lock held: every run-writing command holds it, so such a run's process died
+    (``kill -9``, power loss) without ending it. Returns the closed run ids.
+    """
+    client = setup_mlflow(settings)
+    experiment = client.get_experiment_by_name(settings.registry.experiment)
+    if experiment is None:
+        return []
+    tags = workspace_tags()
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`{WORKSPACE_TAG}` = '{tags[WORKSPACE_TAG]}'",
+    )
+    closed = []
+    for run in runs:
+        if run.data.tags.get(SESSION_TAG) == SESSION_ID:
+            continue  # this process's own open run (a flow inside a locked command)
+        client.set_tag(run.info.run_id, "easyanimate.closed_by", f"pid {tags[PID_TAG]}: its process had died")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def _flatten(prefix: str, node: Any, out: dict[str, str]) -> None:
@@ -98,6 +169,7 @@ def stage_run(
         "git_commit": git_commit(),
         "params_hash": params_hash(settings),
         "preset": settings.preset,
+        **workspace_tags(),
         **tags,
     }
     with mlflow.start_run(

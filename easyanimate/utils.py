@@ -12,6 +12,19 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back (the value is per process).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: str | Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 whatever the umask; give the final file the mode a plain ``open``
+    (or ``mkdir``) would, so a team sharing a machine can read the outputs."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside ``path`` for any writer (a library's ``save``, an encoder); on success it
@@ -25,6 +38,7 @@ def atomic_file(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -53,6 +67,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _honour_umask(tmp, directory=True)
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -79,3 +94,25 @@ def hash_path(path: str | Path, chunk: int = 1 << 20) -> str:
             while block := handle.read(chunk):
                 digest.update(block)
     return digest.hexdigest()
+
+
+class CorruptCheckpoint(ValueError):
+    """A weights file that cannot be read (truncated, bad header). A ValueError, not an OSError: retrying
+    cannot fix it, and only transient I/O is retried."""
+
+
+def verify_safetensors(path: str | Path) -> int:
+    """Open every ``.safetensors`` file at ``path`` (a file or a folder, recursively) far enough to validate its
+    header and that the header covers the file exactly; raise ``CorruptCheckpoint`` naming the first bad one.
+    Reads headers only. Returns how many files were checked."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors")) if path.is_dir() else []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CorruptCheckpoint(f"corrupt or truncated checkpoint {file}: {exc}") from None
+    return len(files)

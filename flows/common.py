@@ -6,7 +6,8 @@ work, and artifacts (tables, markdown, links) published from the stage's result.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -22,12 +23,25 @@ from easyanimate.stages import (
     stage_inputs_hash,
     stage_version,
 )
+from easyanimate.tracking import close_dangling_runs
+from easyanimate.workspace import workspace_lock
 
 IO_ERRORS = (OSError, TimeoutError, ConnectionError)
 
 
 def settings_from(params_path: str | None, preset: str | None = None) -> Settings:
     return load_settings(params_path, preset=preset)
+
+
+@contextlib.contextmanager
+def workspace_session(settings: Settings, command: str, wait: bool = False) -> Iterator[None]:
+    """Every flow that writes holds the workspace lock (re-entrant: the CLI took it already) and first
+    closes the MLflow runs a killed earlier process left RUNNING."""
+    with workspace_lock(command, wait=wait):
+        closed = close_dangling_runs(settings)
+        if closed:
+            print(f"marked {len(closed)} MLflow run(s) of a killed earlier process KILLED: {', '.join(closed)}")
+        yield
 
 
 def _retry_on_io(task, task_run, state) -> bool:
@@ -160,4 +174,6 @@ def stage_flow(
     name: str, params_path: str | None = None, parent_run_id: str | None = None, upstream_run_id: str | None = None
 ) -> dict:
     """Any one stage of the DAG (``easyanimate run NAME``; each ``dvc.yaml`` stage calls it)."""
-    return stage_task(name, settings_from(params_path), params_path, parent_run_id, upstream_run_id)
+    settings = settings_from(params_path)
+    with workspace_session(settings, f"easyanimate run {name}"):
+        return stage_task(name, settings, params_path, parent_run_id, upstream_run_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import settings_from, stage_task
+from flows.common import settings_from, stage_task, workspace_session
 
 
 @flow(name="curate", log_prints=True)
@@ -28,4 +28,5 @@ def curate_flow(
         settings = settings.model_copy(update={"paths": settings.paths.model_copy(update=paths)})
     # A folder curated on the side keeps its reports beside it (never inside it: they would change its hash).
     context = {"report_dir": Path(output_dir).parent / f"{Path(output_dir).name}-reports"} if output_dir else {}
-    return stage_task("curate", settings, params_path, parent_run_id, **context)
+    with workspace_session(settings, f"easyanimate curate {input_dir or ''} {output_dir or ''}".strip()):
+        return stage_task("curate", settings, params_path, parent_run_id, **context)

@@ -11,8 +11,8 @@ import mlflow
 from prefect import flow
 
 from easyanimate.stages import STAGE_NAMES, STAGES, upstream_stages
-from easyanimate.tracking import flat_params, setup_mlflow
-from flows.common import settings_from, stage_task
+from easyanimate.tracking import flat_params, setup_mlflow, workspace_tags
+from flows.common import settings_from, stage_task, workspace_session
 
 
 def dvc_version_outputs(push: bool = True) -> str:
@@ -29,9 +29,14 @@ def dvc_version_outputs(push: bool = True) -> str:
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(params_path: str | None = None, version_data: bool = True) -> dict:
     settings = settings_from(params_path)
+    with workspace_session(settings, "easyanimate pipeline"):
+        return _run_pipeline(settings, params_path, version_data)
+
+
+def _run_pipeline(settings, params_path: str | None, version_data: bool) -> dict:
     setup_mlflow(settings)
     results: dict[str, dict] = {}
-    with mlflow.start_run(run_name="pipeline", tags={"preset": settings.preset}) as parent:
+    with mlflow.start_run(run_name="pipeline", tags={"preset": settings.preset, **workspace_tags()}) as parent:
         mlflow.log_params(flat_params(settings, ("curate", "vae", "dit", "lora", "generate", "evaluate")))
         if Path(params_path or "params.yaml").exists():
             mlflow.log_artifact(str(params_path or "params.yaml"), artifact_path="config")

@@ -22,6 +22,7 @@ from easyanimate.config import PARAMS_ENV, Settings, load_settings
 from easyanimate.registry import WARM_START_TAG, champion_version, download_pipeline, tag_version
 from easyanimate.tracking import setup_mlflow
 from easyanimate.utils import atomic_write_text
+from flows.common import workspace_session
 from flows.pipeline import pipeline_flow
 
 
@@ -67,9 +68,15 @@ def warm_start_params(params_path: str | None, init_pipeline: Path, settings: Se
 @flow(name="retrain", log_prints=True)
 def retrain_flow(params_path: str | None = None, from_champion: bool | None = None, version_data: bool = True) -> dict:
     """The whole pipeline, incremental: new videos only, warm start from ``@champion`` when there is one."""
+    settings = load_settings(params_path)
+    # A scheduled run queues behind whatever command holds the workspace instead of failing.
+    with workspace_session(settings, "retrain flow", wait=True):
+        return _retrain(settings, params_path, from_champion, version_data)
+
+
+def _retrain(settings: Settings, params_path: str | None, from_champion: bool | None, version_data: bool) -> dict:
     from easyanimate.warm_start import warm_start_mismatches
 
-    settings = load_settings(params_path)
     client = setup_mlflow(settings)
     new_videos = uncurated_videos(settings)
     print(f"{len(new_videos)} raw video(s) to curate: {', '.join(new_videos) or 'none (all cached)'}")

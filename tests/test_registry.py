@@ -186,7 +186,13 @@ def test_register_stage_works_inside_the_stage_run(project):
     assert json.loads((out / "registered.json").read_text())["uri"] == f"models:/{name}/1"
     assert "PROMOTED" in (out / "promotion.md").read_text()
 
-    # Untracked, with no run open: the entry opens its own register run and logs its metrics there.
+    # The same inputs again (a rerun after a kill, or with nothing changed): the finished version is reused.
+    same = run_stage("register", settings)
+    assert same.info["version"] == "1" and len(client.search_model_versions(f"name = '{name}'")) == 1
+
+    # New inputs (a re-evaluation); untracked, with no run open: the entry opens its own register run.
+    metrics_file = report_dir(settings, "evaluate") / "metrics.json"
+    metrics_file.write_text(json.dumps({**METRICS, "eval/caption_retrieval": 0.5}))
     again = run_stage("register", settings)
     assert mlflow.active_run() is None
     assert (again.info["version"], again.info["promoted"]) == ("2", False)
@@ -195,3 +201,12 @@ def test_register_stage_works_inside_the_stage_run(project):
     assert run.data.tags["stage"] == "register" and run.data.metrics["register.version"] == 2.0
     assert client.get_model_version(name, "2").run_id == again.run_id
     assert champion_version(client, settings) == "1"
+
+    # A version whose tagging a kill cut short (no completion tag, no alias yet) is replaced, not reused.
+    from easyanimate.registry import REGISTERED_TAG
+
+    client.delete_model_version_tag(name, "2", REGISTERED_TAG)
+    client.delete_registered_model_alias(name, settings.registry.challenger_alias)
+    redone = run_stage("register", settings)
+    assert redone.info["version"] == "3"
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'")) == [1, 3]

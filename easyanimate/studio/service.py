@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from easyanimate.config import Settings
+from easyanimate.config import VAE_TEMPORAL_COMPRESSION, Settings, frame_count_problem, valid_frame_counts
 from easyanimate.registry import REGISTRY_SCHEME, download_model, pipeline_folder
 from easyanimate.tracking import tracking_uri
 
@@ -43,7 +43,6 @@ GUIDANCE_MAX = 30.0
 MAX_THUMBNAILS = 48
 THUMBNAIL_SIDE = 160
 HISTOGRAM_BINS = 10
-TEMPORAL_COMPRESSION = 4  # SliceVAE: 1 frame (an image) or a multiple of 4 that is >= 8
 SIZE_RE = re.compile(r"^\s*(\d+)\s*[x×X*]\s*(\d+)\s*$")
 
 # Request fields in the order the page's Generate tab lists its inputs; ``check_request`` keys its messages by them.
@@ -166,19 +165,10 @@ def _float(value, name: str) -> float:
     return number
 
 
-def valid_frame_counts(max_frames: int) -> tuple[int, ...]:
-    """What the Slice VAE can encode and decode: 1 (an image) or a multiple of 4 that is >= 8."""
-    return (1, *range(2 * TEMPORAL_COMPRESSION, max_frames + 1, TEMPORAL_COMPRESSION))
-
-
 def check_frames(num_frames: int, max_frames: int) -> None:
-    if num_frames < 1 or (num_frames != 1 and (num_frames % TEMPORAL_COMPRESSION or num_frames < 8)):
-        raise ValueError(
-            f"{num_frames} frames: the model makes 1 (an image) or a multiple of {TEMPORAL_COMPRESSION} "
-            f"from 8 to {max_frames}"
-        )
-    if num_frames > max_frames:
-        raise ValueError(f"{num_frames} frames is more than this model and server allow ({max_frames})")
+    problem = frame_count_problem(num_frames, max_frames)
+    if problem:
+        raise ValueError(problem)
 
 
 def check_image(path) -> Path:
@@ -379,7 +369,7 @@ class Studio:
         grid = int(dit.get("grid_reshape", 1)) if dit.get("motion_module", True) else 1
         multiple = 2 ** (len(vae["block_out_channels"]) - 1) * int(dit.get("patch_size", 2)) * grid
         g = self.settings.generate
-        max_frames = min(g.max_frames, TEMPORAL_COMPRESSION * int(dit.get("max_frames_latent", 64)))
+        max_frames = min(g.max_frames, VAE_TEMPORAL_COMPRESSION * int(dit.get("max_frames_latent", 64)))
         stage = pick("dit", "stage3", default={})
         buckets = stage.get("buckets") or {}
         resolution = int(stage.get("resolution") or pick("generate", "height"))

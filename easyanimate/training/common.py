@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
 from easyanimate.config import TrainStageConfig
+from easyanimate.utils import verify_safetensors
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -148,6 +149,7 @@ def train_loop(
     start, losses = 0, []
     latest = latest_checkpoint(ckpt_dir)
     if latest:
+        verify_safetensors(latest[1])
         accelerator.load_state(str(latest[1]))
         state = json.loads((latest[1] / "trainer_state.json").read_text())
         start, losses = int(state["step"]), list(state["losses"])
