@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 
 STATE_DIR_ENV = "EASYANIMATE_STATE_DIR"
+# Written by infra/prefect_local.sh when it starts the workspace's Prefect server.
+PREFECT_SERVER_PID_FILE = "prefect-server.pid"
+PREFECT_SERVER_URL_FILE = "prefect-server.url"
 
 
 def state_dir() -> Path:
@@ -42,3 +45,31 @@ def configure_environment() -> None:
         os.environ.setdefault(key, value)
     # Prefect opens its sqlite database inside PREFECT_HOME and fails if the folder is missing.
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    adopt_local_prefect_server(state)
+
+
+def adopt_local_prefect_server(state: Path) -> str | None:
+    """Use this workspace's own Prefect server (``make prefect-up`` / ``infra/prefect_local.sh up``) when it
+    runs, instead of starting a temporary one per command (the largest fixed cost of a command).
+
+    Only a server that script started for this state folder, still alive and answering its health check
+    within a second, is adopted; an operator's ``PREFECT_API_URL`` always wins.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    try:
+        url = (state / PREFECT_SERVER_URL_FILE).read_text().strip()
+        pid = int((state / PREFECT_SERVER_PID_FILE).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+            if response.status != 200:
+                return None
+    except OSError:
+        return None
+    os.environ["PREFECT_API_URL"] = url
+    return url

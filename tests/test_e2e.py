@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -81,6 +83,21 @@ def demo(tmp_path_factory):
     proc = run([str(BIN / "easyanimate"), "pipeline"], project)
     assert proc.returncode == 0, "easyanimate pipeline failed"
     return project, proc, time.perf_counter() - began
+
+
+# What an uninterrupted run produced, hashed before any later test changes a setting and retrains.
+WEIGHT_FOLDERS = ("vae/stage1", "vae/stage2", "dit/stage1", "dit/stage2", "dit/stage3", "lora")
+
+
+def weight_hashes(project: Path) -> dict[str, str]:
+    from easyanimate.utils import hash_path
+
+    return {name: hash_path(project / "models" / name) for name in WEIGHT_FOLDERS}
+
+
+@pytest.fixture(scope="module")
+def demo_weights(demo):
+    return weight_hashes(demo[0])
 
 
 def mlflow_client(project: Path):
@@ -176,6 +193,103 @@ def test_rerun_is_a_prefect_cache_hit(demo):
     proc = run([str(BIN / "easyanimate"), "run", "dit_stage1"], project)
     assert proc.returncode == 0
     assert "Cached" in proc.stdout + proc.stderr
+
+
+def _training_runs(project: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(project / "mlflow.db") as db:
+        return db.execute(
+            "select name, status from runs where name in ('vae_stage1','vae_stage2','dit_stage1','dit_stage2',"
+            "'dit_stage3','lora') order by start_time"
+        ).fetchall()
+
+
+def test_noop_pipeline_rerun_trains_nothing_and_registers_nothing(demo, demo_weights):
+    project, _, cold_seconds = demo
+    client = mlflow_client(project)
+    versions = len(client.search_model_versions("name = 'easyanimate'"))
+    trainings = _training_runs(project)
+    began = time.perf_counter()
+    proc = run([str(BIN / "easyanimate"), "pipeline"], project)
+    seconds = time.perf_counter() - began
+    assert proc.returncode == 0
+    assert _training_runs(project) == trainings  # no stage trained: each was a cache hit
+    assert len(client.search_model_versions("name = 'easyanimate'")) == versions
+    assert "registered model: models:/easyanimate/1" in proc.stdout
+    assert weight_hashes(project) == demo_weights
+    print(f"no-op pipeline rerun {seconds:.1f} s vs cold {cold_seconds:.1f} s ({seconds / cold_seconds:.1%})")
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the pipeline ended before {what}"
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_pipeline(project: Path, until, what: str) -> None:
+    """Start `easyanimate pipeline`, SIGKILL it and everything it started once ``until()`` holds."""
+    env = dict(
+        os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", EASYANIMATE_STATE_DIR=str(project / ".easyanimate")
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [str(BIN / "easyanimate"), "pipeline"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(until, proc, what)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _register_running(project: Path) -> bool:
+    if not (project / "mlflow.db").exists():
+        return False
+    try:
+        with sqlite3.connect(project / "mlflow.db", timeout=1) as db:
+            return bool(db.execute("select 1 from runs where name = 'register' and status = 'RUNNING'").fetchall())
+    except sqlite3.OperationalError:  # locked by the writer, or tables not made yet
+        return False
+
+
+def test_pipeline_killed_anywhere_resumes_to_the_same_weights(tmp_path, demo_weights):
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), FAST)
+    project = make_project(tmp_path / "killed", params, ["bigbuckbunny.mp4", "trailer_bbb.mp4"])
+    checkpoints = project / ".easyanimate" / "checkpoints"
+    # 1. during curation, after the first video's record
+    _kill_pipeline(project, lambda: any((project / "data" / "curated" / "records").glob("*.json")), "curation")
+    # 2. in VAE stage 1, after its first checkpoint (step 3 of 6)
+    _kill_pipeline(
+        project, lambda: any(checkpoints.glob("vae_stage1-*/checkpoint-0000003/trainer_state.json")), "a checkpoint"
+    )
+    first_attempt = {p.name for p in checkpoints.glob("vae_stage1-*")}
+    # 3. while registering
+    _kill_pipeline(project, lambda: _register_running(project), "register")
+    proc = run([str(BIN / "easyanimate"), "pipeline"], project)
+    assert proc.returncode == 0
+
+    assert {p.name for p in checkpoints.glob("vae_stage1-*")} == first_attempt  # same folder: resumed, not redone
+    metrics = json.loads((project / "reports" / "vae_stage1" / "metrics.json").read_text())
+    assert metrics["vae_stage1/resumed_from_step"] == 3.0
+    assert weight_hashes(project) == demo_weights  # as if never interrupted
+    with sqlite3.connect(project / "mlflow.db") as db:
+        statuses = dict(db.execute("select status, count(*) from runs group by status").fetchall())
+    assert "RUNNING" not in statuses and statuses.get("KILLED", 0) >= 3, statuses
+    # Completed stages were cache hits: each trained once, plus the killed VAE attempt.
+    trained = [name for name, status in _training_runs(project) if status == "FINISHED"]
+    assert sorted(trained) == sorted(set(trained)), trained
+    client = mlflow_client(project)
+    versions = client.search_model_versions("name = 'easyanimate'")
+    assert all(v.tags.get("easyanimate.registered") == "true" for v in versions)
+    assert client.get_model_version_by_alias("easyanimate", "champion").version in {v.version for v in versions}
 
 
 def test_dvc_repro_after_demo_is_a_noop_and_dit_change_reruns_only_downstream(demo):
