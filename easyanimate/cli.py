@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 import typer
 
 from easyanimate.runtime import configure_environment
+from easyanimate.serving.cli import serve as _serve_command
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="EasyAnimate text-to-video: curate, train, evaluate, serve."
@@ -341,6 +342,9 @@ def studio(
     except (ValueError, OSError) as exc:
         _fail(f"studio: {exc}")
 
+
+# Bounded HTTP serving of a registered model (its module imports only typer until the command runs).
+app.command("serve")(_serve_command)
 
 vae_app = typer.Typer(no_args_is_help=True, help="Slice VAE tools.")
 app.add_typer(vae_app, name="vae")

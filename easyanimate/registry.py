@@ -316,7 +316,10 @@ def register_pipeline(
             artifacts["lora"] = str(settings.paths.lora)
         info = mlflow.pyfunc.log_model(
             name="pipeline",
-            python_model=EasyAnimatePyfunc(),
+            # The served model carries this run's request defaults and limits (generate.*), not class defaults.
+            python_model=EasyAnimatePyfunc(
+                generate=settings.generate, max_text_tokens=settings.dit.model.max_text_tokens
+            ),
             artifacts=artifacts,
             registered_model_name=name,
             pip_requirements=["easyanimate"],

@@ -196,6 +196,11 @@ def test_served_champion_answers_with_videos(server, registry, tmp_path):
         ({"prompt": "a cat", "steps": 2.5}, "steps must be a whole number"),
         ({"prompt": "a cat", "lora_scale": 1.0}, "no LoRA adapter"),
         ({"prompt": "a cat", "colour": "red"}, "unknown request field(s) ['colour']"),
+        # Each size within its limit, together over the work budget (4 x 8 x 32 x 32 x 2 = 65,536 here).
+        (
+            {"prompt": "a cat", "num_frames": 64, "height": 256, "width": 256, "steps": 50},
+            "is over this server's budget of 65,536 (generate.max_request_budget)",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_400(server, record, message):
@@ -203,6 +208,13 @@ def test_bad_requests_get_a_clear_400(server, record, message):
     assert status == 400, body
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert message in body["message"] and "Traceback" not in body["message"]
+
+
+def test_too_many_records_get_a_clear_400(server):
+    status, body = _post(server, {"dataframe_records": [{"prompt": "a cat"}] * 31})
+    assert status == 400, body
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "31 records in one request" in body["message"] and "generate.max_records_per_request" in body["message"]
 
 
 def test_lora_adapter_is_its_own_registered_model_linked_to_the_base(registry, tmp_path):
