@@ -10,13 +10,42 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 PARAMS_ENV = "EASYANIMATE_PARAMS"
+
+
+# The Slice VAE's time compression: it encodes 1 frame (an image) or a multiple of 4 that is >= 8.
+VAE_TEMPORAL_COMPRESSION = 4
+
+
+def frame_count_problem(num_frames: int, max_frames: int | None = None) -> str | None:
+    """Why ``num_frames`` is not a frame count the Slice VAE (and so every model here) accepts; None if it is."""
+    step = VAE_TEMPORAL_COMPRESSION
+    if num_frames < 1 or (num_frames != 1 and (num_frames % step or num_frames < 2 * step)):
+        return f"{num_frames} frames: must be 1 (an image) or a multiple of {step} that is >= {2 * step}"
+    if max_frames is not None and num_frames > max_frames:
+        return f"{num_frames} frames is more than the {max_frames} allowed"
+    return None
+
+
+def valid_frame_counts(max_frames: int) -> tuple[int, ...]:
+    step = VAE_TEMPORAL_COMPRESSION
+    return (1, *range(2 * step, max_frames + 1, step))
+
+
+def _check_frames(value: int) -> int:
+    problem = frame_count_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+FrameCount = Annotated[int, AfterValidator(_check_frames)]
 
 
 class ConfigError(ValueError):
@@ -238,7 +267,7 @@ class TrainStageConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(25, ge=1)
     resolution: int = Field(64, ge=16)
-    num_frames: int = Field(8, ge=1)
+    num_frames: FrameCount = 8
     image_ratio: float = Field(0.5, ge=0, le=1, description="share of one-frame batches")
     sample_fps: float = Field(8.0, gt=0, description="frame rate clips are sampled at for training")
     keep_checkpoints: int = Field(2, ge=1)
@@ -305,7 +334,7 @@ class VAEStage2Config(VAETrainConfig):
 class VAEEvalConfig(_Section):
     """Held-out reconstruction check run after each VAE stage on the manifest's val clips."""
 
-    num_frames: int = Field(24, ge=1, description="frames per val clip (1 or a multiple of 4 >= 8)")
+    num_frames: FrameCount = Field(24, description="frames per val clip (1 or a multiple of 4 >= 8)")
     max_clips: int = Field(4, ge=1)
     fps: int = Field(8, ge=1, description="frame rate of the side-by-side video")
 
@@ -330,11 +359,19 @@ class DiTModelConfig(_Section):
     grid_reshape: int = Field(1, ge=1, description="spatial grid side grouped into each temporal attention")
     long_skips: bool = True
     base_resolution: int = Field(64, ge=8, description="pixel size at which position embeddings are interpolation-free")
+    # PixArt compatibility (dit.stage1.init_from needs these to match the PixArt checkpoint; defaults keep the
+    # original model): position-table coordinate scale, which coordinate the table's first half encodes ("hw":
+    # row, "wh": column as in PixArt), and PixArt-alpha-1024's resolution/aspect-ratio micro-conditions.
+    interpolation_scale: float = Field(1.0, gt=0, description="PixArt interpolation_scale of the position table")
+    pos_embed_order: Literal["hw", "wh"] = "hw"
+    use_additional_conditions: bool = False
 
     @model_validator(mode="after")
     def _heads(self) -> "DiTModelConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
+        if self.use_additional_conditions and self.hidden_size % 3:
+            raise ValueError("use_additional_conditions needs hidden_size divisible by 3")
         if self.depth % 2:
             raise ValueError("depth must be even for U-ViT long skips")
         return self
@@ -383,6 +420,12 @@ class DiTTrainStageConfig(TrainStageConfig):
 class DiTStage1Config(DiTTrainStageConfig):
     image_ratio: float = 1.0
     num_frames: int = 1
+    # A local diffusers PixArtTransformer2DModel folder (PixArt-alpha or -Sigma; or a PixArt pipeline folder with
+    # transformer/): stage 1 starts from its weights through an explicit key map (easyanimate.models.dit.pixart)
+    # when there is no checkpoint to resume and no warm start. dit.model must match it (hidden size, depth,
+    # heads, base_resolution = 8 x sample_size, pos_embed_order "wh", interpolation_scale, micro-conditions)
+    # and weights.text_encoder must be the T5 it was trained with. None: random initialisation.
+    init_from: str | None = None
 
 
 class DiTStage2Config(DiTTrainStageConfig):
@@ -424,7 +467,7 @@ class LoRAConfig(_Section):
 class GenerateConfig(_Section):
     prompts: tuple[str, ...] = ("a big fluffy rabbit in a green meadow",)
     negative_prompt: str = ""
-    num_frames: int = Field(8, ge=1)
+    num_frames: FrameCount = 8
     height: int = Field(64, ge=16)
     width: int = Field(64, ge=16)
     num_inference_steps: int = Field(20, ge=1)
@@ -436,6 +479,21 @@ class GenerateConfig(_Section):
     max_side: int = Field(1024, ge=16, description="largest height/width a served request may ask for")
     max_frames: int = Field(256, ge=1, description="most frames a served request may ask for")
     max_inference_steps: int = Field(200, ge=1, description="most denoising steps a served request may ask for")
+    max_records_per_request: int = Field(4, ge=1, description="most records (videos) one served request may hold")
+    max_request_budget: int | None = Field(
+        None,
+        ge=1,
+        description="most frames x height x width x steps, summed over its records, one served request may ask "
+        "for; None: max_records_per_request videos of the default request",
+    )
+
+    @property
+    def request_budget(self) -> int:
+        """``max_request_budget``, or room for ``max_records_per_request`` default-sized videos when unset."""
+        if self.max_request_budget is not None:
+            return self.max_request_budget
+        default = self.num_frames * self.height * self.width * self.num_inference_steps
+        return self.max_records_per_request * default
 
     def pipeline_kwargs(self, max_text_tokens: int) -> dict:
         """``EasyAnimatePipeline.__call__`` arguments these settings give (prompt, generator and output aside)."""
@@ -486,6 +544,9 @@ class RegistryConfig(_Section):
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
     promotion: PromotionConfig = PromotionConfig()
+    # An unreachable tracking server must fail in seconds, not after urllib3's minutes of retries.
+    http_timeout_s: int = Field(10, ge=1, description="seconds one request to an HTTP tracking server may take")
+    http_retries: int = Field(2, ge=0, description="retries of a failed request to an HTTP tracking server")
 
 
 class RetrainConfig(_Section):
@@ -517,6 +578,88 @@ class StudioConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """``easyanimate serve`` (``easyanimate/serving/server.py``): a registered pyfunc model over HTTP, bounded.
+    What one request may ask for is ``generate.max_*`` (the model's request limits)."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="interface to bind (loopback by default); any other address exposes the server to the network",
+    )
+    port: int = Field(5001, ge=1, le=65535)
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="a request's queueing plus generation time; past it generation stops (HTTP 504)"
+    )
+    max_queue: int = Field(4, ge=0, description="accepted requests waiting behind the running one; more get 503")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="after SIGTERM, time running and queued requests get to finish before they stop"
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 beyond)")
+    poll_s: float = Field(0.1, gt=0, le=5, description="how often a waiting request checks its client and deadline")
+
+
+class V51Config(_Section):
+    """EasyAnimate V5.1 (easyanimate/families/v51.py): one local folder in the layout of the V5.1 ``-diffusers``
+    releases (vae/, transformer/, text_encoder/ + tokenizer/ (Qwen2-VL), scheduler/), loaded with diffusers'
+    and transformers' own classes; LoRA fine-tuning of its transformer through peft."""
+
+    model_dir: Path | None = Field(None, description="local V5.1 (or V5.1 InP) folder in the diffusers layout")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    memory_mode: str = Field("none", description="diffusers memory features, joined with '+'")
+    num_frames: int = Field(49, ge=1, description="frames generated: 1 + 4k (the MagViT VAE's time compression)")
+    tile_sample_min_size: int | None = Field(None, ge=16, description="vae_tiling tile edge (pixels); None: VAE's")
+    tile_sample_stride: int | None = Field(None, ge=8, description="vae_tiling tile stride (pixels); None: VAE's")
+    max_sequence_length: int = Field(256, ge=8, description="Qwen2-VL prompt tokens (the pipeline's default)")
+    negative_prompt: str = ""
+    noise_aug_strength: float = Field(0.0563, ge=0, description="InP: noise added to the start/end frame latents")
+    lora_rank: int = Field(64, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_target_modules: tuple[str, ...] = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    )
+    train_steps: int = Field(100, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(0.05, gt=0)
+    train_height: int = Field(512, ge=16)
+    train_width: int = Field(512, ge=16)
+    train_num_frames: int = Field(49, ge=1, description="1 + 4k frames per video sample (images are 1 frame)")
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="share of steps trained on the empty prompt")
+    inpaint_i2v_ratio: float = Field(0.9, ge=0, le=1, description="InP: share of steps conditioned on frame 1")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 42
+
+    @staticmethod
+    def memory_modes() -> tuple[str, ...]:
+        """Names ``memory_mode`` may join with "+", e.g. "model_cpu_offload+fp8_layerwise+vae_tiling"."""
+        return ("none", "model_cpu_offload", "sequential_cpu_offload", "fp8_layerwise", "vae_tiling", "vae_slicing")
+
+    @model_validator(mode="after")
+    def _v51_checks(self) -> "V51Config":
+        parts = self.memory_mode.split("+")
+        unknown = [p for p in parts if p not in self.memory_modes()]
+        if unknown:
+            raise ValueError(f"memory_mode: unknown {unknown}; join any of {list(self.memory_modes())} with '+'")
+        if "model_cpu_offload" in parts and "sequential_cpu_offload" in parts:
+            raise ValueError("memory_mode: model_cpu_offload and sequential_cpu_offload exclude each other")
+        for key in ("num_frames", "train_num_frames"):
+            if (getattr(self, key) - 1) % VAE_TEMPORAL_COMPRESSION:
+                raise ValueError(f"{key}={getattr(self, key)}: the MagViT VAE takes 1 + 4k frames (1, 5, 9, ..., 49)")
+        return self
+
+
 class Settings(_Section):
     preset: str = "tiny"
     paths: PathsConfig = PathsConfig()
@@ -530,6 +673,21 @@ class Settings(_Section):
     registry: RegistryConfig = RegistryConfig()
     retrain: RetrainConfig = RetrainConfig()
     studio: StudioConfig = StudioConfig()
+    serve: ServeConfig = ServeConfig()
+    v51: V51Config = V51Config()
+
+    @model_validator(mode="after")
+    def _generate_within_limits(self) -> "Settings":
+        g = self.generate
+        for key, value, limit, setting in (
+            ("height", g.height, g.max_side, "max_side"),
+            ("width", g.width, g.max_side, "max_side"),
+            ("num_frames", g.num_frames, g.max_frames, "max_frames"),
+            ("num_inference_steps", g.num_inference_steps, g.max_inference_steps, "max_inference_steps"),
+        ):
+            if value > limit:
+                raise ValueError(f"generate.{key}={value} is above generate.{setting}={limit}")
+        return self
 
     def section_hash(self, *dotted: str) -> str:
         """Stable short hash of the named sections (all of them if none named)."""
@@ -590,7 +748,11 @@ def load_settings(path: str | Path | None = None, preset: str | None = None, ove
     ``preset`` replaces the preset named in the file (whose overrides then no longer apply);
     ``overrides`` are merged last (for tests and CLI flags).
     """
-    path = Path(path or os.environ.get(PARAMS_ENV, "params.yaml"))
+    source = "--params" if path else f"${PARAMS_ENV}" if os.environ.get(PARAMS_ENV) else None
+    path = Path(path or os.environ.get(PARAMS_ENV) or "params.yaml")
+    if source and not path.is_file():
+        raise ConfigError(f"params file not found: {path} (from {source})")
+    # Without a params.yaml in the working folder the preset's defaults apply (``easyanimate curate`` anywhere).
     params = _read_yaml(path) if path.exists() else {}
     name = preset or params.get("preset", "tiny")
     if preset and params.get("preset", "tiny") != preset:
