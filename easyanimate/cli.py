@@ -196,9 +196,16 @@ def generate(
     width: Optional[int] = typer.Option(None, min=1, help="pixels, at most generate.max_side"),
     guidance: Optional[float] = typer.Option(None, min=1.0),
     negative_prompt: Optional[str] = typer.Option(None),
+    family: str = typer.Option(
+        "native", help="native (this project's Slice VAE + DiT) | v5.1 (a local EasyAnimate V5.1 diffusers folder)"
+    ),
+    image: Optional[Path] = typer.Option(
+        None, exists=True, dir_okay=False, help="start frame: image-to-video (V5.1 InP checkpoints)"
+    ),
+    end_image: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="end frame (with --image)"),
     params: Optional[Path] = ParamsOpt,
 ) -> None:
-    """Generate a video for PROMPT with a trained pipeline."""
+    """Generate a video for PROMPT with a trained pipeline, or with a released EasyAnimate V5.1 folder."""
     from easyanimate.config import frame_count_problem
 
     settings = _settings(params)
@@ -206,12 +213,14 @@ def generate(
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in ("mp4", "gif"):
         _fail(f"--out must end in .mp4 or .gif, got {out}")
+    if family not in ("native", "v5.1"):
+        _fail(f"--family must be native or v5.1, got {family!r}")
     # An explicit value is used as given (0 is refused by typer above, never replaced by the default).
-    num_frames = g.num_frames if frames is None else frames
+    num_frames = (g.num_frames if family == "native" else settings.v51.num_frames) if frames is None else frames
     height = g.height if height is None else height
     width = g.width if width is None else width
     steps = g.num_inference_steps if steps is None else steps
-    problem = frame_count_problem(num_frames, g.max_frames)
+    problem = frame_count_problem(num_frames, g.max_frames) if family == "native" else None
     if problem:
         _fail(f"--frames: {problem} (generate.max_frames)")
     for flag, value in (("--height", height), ("--width", width)):
@@ -219,6 +228,16 @@ def generate(
             _fail(f"{flag} {value} is above generate.max_side={g.max_side}")
     if steps > g.max_inference_steps:
         _fail(f"--steps {steps} is above generate.max_inference_steps={g.max_inference_steps}")
+    if family == "v5.1":
+        gen = {"height": height, "width": width, "num_inference_steps": steps}
+        gen.update({k: v for k, v in (("seed", seed), ("guidance_scale", guidance)) if v is not None})
+        if negative_prompt is not None:
+            gen["negative_prompt"] = negative_prompt
+        v51 = {"num_frames": num_frames, **({"model_dir": Path(model)} if model else {})}
+        _generate_v51(settings, prompt, out, fmt, gen, v51, image, end_image, lora, lora_scale)
+        return
+    if image or end_image:
+        _fail("--image/--end-image need --family v5.1 and an InP checkpoint (the native DiT is text-to-video)")
     import torch
 
     from easyanimate.pipelines import EasyAnimatePipeline
@@ -251,6 +270,30 @@ def generate(
         f"wrote {result.frames[0]} ({num_frames} frames, {width}x{height})",
         fg=typer.colors.GREEN,
     )
+
+
+def _generate_v51(settings, prompt, out, fmt, gen, v51, image, end_image, lora, lora_scale) -> None:
+    from easyanimate.families.v51 import V51Error, generate_v51_from_settings
+    from easyanimate.pipelines.pipeline_easyanimate import encode_video
+    from easyanimate.utils import atomic_write_bytes
+
+    settings = settings.model_copy(
+        update={
+            "generate": settings.generate.model_copy(update=gen),
+            "v51": settings.v51.model_copy(update=v51),
+        }
+    )
+    if settings.v51.model_dir is None:
+        _fail("--family v5.1 needs a V5.1 folder: pass --model DIR or set v51.model_dir in params.yaml")
+    try:
+        [video] = generate_v51_from_settings(
+            settings, [prompt], image, end_image, lora_dir=lora, lora_scale=lora_scale if lora else None
+        )
+    except (V51Error, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    atomic_write_bytes(out, encode_video(video, fmt, settings.generate.fps))
+    frames, height, width = video.shape[:3]
+    typer.secho(f"wrote {out} ({frames} frames, {width}x{height}, EasyAnimate V5.1)", fg=typer.colors.GREEN)
 
 
 @app.command()

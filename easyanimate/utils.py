@@ -108,7 +108,10 @@ def verify_safetensors(path: str | Path) -> int:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors")) if path.is_dir() else []
+    if path.is_dir():
+        files = sorted(path.rglob("*.safetensors"))
+    else:  # a stage input may be any file (a captions file, a manifest): only weights are checked
+        files = [path] if path.is_file() and path.suffix == ".safetensors" else []
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
