@@ -20,6 +20,7 @@ STATE="$(mkdir -p "${EASYANIMATE_STATE_DIR:-.easyanimate}" && cd "${EASYANIMATE_
 START_TIMEOUT="${PREFECT_SERVER_START_TIMEOUT:-120}"
 SERVER_HOME="$STATE/prefect-server"
 PIDFILE="$STATE/prefect-server.pid"
+URLFILE="$STATE/prefect-server.url"  # easyanimate commands in this workspace adopt the server it names
 LOG="$STATE/logs/prefect-server.log"
 
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
@@ -52,6 +53,7 @@ up() {
       sleep 1
     done
     healthy || { echo "Prefect server not healthy after ${START_TIMEOUT}s; see $LOG" >&2; exit 1; }
+    echo "$PREFECT_API_URL" >"$URLFILE"
     echo "Prefect server on $PREFECT_API_URL (log: $LOG)"
   fi
   prefect work-pool inspect "$POOL" >/dev/null 2>&1 || prefect work-pool create "$POOL" --type process
@@ -66,7 +68,7 @@ worker() {
 down() {
   if [[ -f "$PIDFILE" ]]; then
     kill -TERM -- "-$(cat "$PIDFILE")" 2>/dev/null || true
-    rm -f "$PIDFILE"
+    rm -f "$PIDFILE" "$URLFILE"
     echo "stopped the Prefect server"
   fi
 }

@@ -287,6 +287,11 @@ def test_retrain_deployment_runs_on_a_local_server_and_registers_a_version(tmp_p
     try:
         up = run_bounded(["bash", "infra/prefect_local.sh", "up"], project, env, timeout=240)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        # Any command in this workspace adopts the running server instead of starting a temporary one.
+        adopt = "import os; from easyanimate.runtime import configure_environment as c; c(); print(os.environ['PREFECT_API_URL'])"
+        own_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        adopted = run_bounded([sys.executable, "-c", adopt], project, own_env, timeout=60)
+        assert adopted.stdout.strip() == api, adopted.stderr
         deployments = _api(api, "/deployments/filter", {})
         by_name = {d["name"]: d for d in deployments}
         assert set(by_name) == {"weekly", "new-raw-data", "on-demand"}
@@ -316,6 +321,7 @@ def test_retrain_deployment_runs_on_a_local_server_and_registers_a_version(tmp_p
         subprocess.run(
             ["bash", "infra/prefect_local.sh", "down"], cwd=project, env=env, capture_output=True, timeout=60
         )
+    assert not (project / ".easyanimate" / "prefect-server.url").exists()
 
     # Incremental curation: the new video got a record, the already-curated one was not redone.
     records = {p.name: p.stat().st_mtime_ns for p in (project / "data" / "curated" / "records").iterdir()}
