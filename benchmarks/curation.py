@@ -4,7 +4,11 @@ Prints, measured in this one process run:
 - ratio = wall time of curation analysis (probe + scene split + transition + technical aesthetic + motion +
   dedup hashing, i.e. the single decode pass with every cheap filter; no clip encoding, OCR or captioning) /
   wall time of a plain full PyAV decode of the same videos. Each is timed ``--rounds`` times, alternating, and the
-  fastest round of each is used, which damps noise from other processes on the machine.
+  fastest round of each is used, which damps noise from other processes on the machine. Also printed: the same
+  ratio in process CPU seconds (all threads), which other processes on a shared machine disturb far less.
+- the breakdown of the single pass (same rounds, fastest each): decode + shrinking every frame to the analysis
+  size (``analysis_frame``), + the scene detector on every frame (``analysis_bgr`` + ``ContentDetector``); the
+  rest of the curation figure is the filters, frame picking and bookkeeping.
 - per-filter seconds per clip: each configured frame filter's ``score`` (text/OCR excluded: next line) on
   the frames it asks for, every planned clip, after the decode; filters that cannot run say why (e.g.
   ``alignment`` without CLIP weights). ``dedup`` is its per-clip hashing; the dataset-level decision is
@@ -32,26 +36,62 @@ from easyanimate.data.curate import Curator, analyse_video, resolve_device
 from easyanimate.data.filters.base import uniform_times
 from easyanimate.data.manifest import file_hash
 from easyanimate.data.scenes import scan_video
-from easyanimate.data.video_io import probe
+from easyanimate.data.video_io import analysis_bgr, analysis_frame, probe
 
 
-def plain_decode(videos: list[Path]) -> float:
+class Clock:
+    """Wall and process-CPU seconds of a block (``with Clock() as c: ...``, then ``c.wall``, ``c.cpu``)."""
+
+    def __enter__(self):
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+
+
+def plain_decode(videos: list[Path]) -> Clock:
+    with Clock() as clock:
+        for video in videos:
+            with av.open(str(video)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for _ in container.decode(stream):
+                    pass
+    return clock
+
+
+def partial_pass(videos: list[Path], settings, detect: bool) -> float:
+    """Decode + shrink every frame to the analysis size (+ the scene detector on each when ``detect``)."""
+    from scenedetect import ContentDetector, FrameTimecode
+    from scenedetect.common import Timecode
+
+    from easyanimate.data.scenes import detector_size
+
+    curator = Curator(settings)
     t0 = time.perf_counter()
     for video in videos:
+        info = probe(video)
+        size = curator.analysis_size(info)
+        det_size = min(detector_size(info.width, info.height), detector_size(*(size or (info.width, info.height))))
+        detector = ContentDetector(threshold=settings.curate.scenes.threshold)
         with av.open(str(video)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for _ in container.decode(stream):
-                pass
+            for frame in container.decode(stream):
+                compact = analysis_frame(frame, size)
+                if detect:
+                    tc = FrameTimecode(Timecode(pts=frame.pts, time_base=stream.time_base), fps=stream.average_rate)
+                    detector.process_frame(tc, analysis_bgr(compact, det_size))
     return time.perf_counter() - t0
 
 
-def curation_analysis(videos: list[Path], settings, hashes: dict) -> tuple[float, list[dict]]:
+def curation_analysis(videos: list[Path], settings, hashes: dict) -> tuple[Clock, list[dict]]:
     # An empty sidecar: captioning costs nothing and every clip still gets every cheap-filter score.
     captioner = SidecarCaptioner([])
-    t0 = time.perf_counter()
-    records = [r for v in videos for r in analyse_video(v, hashes[v], settings, captioner)]
-    return time.perf_counter() - t0, records
+    with Clock() as clock:
+        records = [r for v in videos for r in analyse_video(v, hashes[v], settings, captioner)]
+    return clock, records
 
 
 def clip_frames(videos: list[Path], settings) -> list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
@@ -150,11 +190,16 @@ def main() -> None:
     settings = base.model_copy(update={"curate": curate})
     hashes = {v: file_hash(v) for v in args.videos}
 
-    decode_s, curate_s, records = [], [], []
+    decode_s, curate_s, shrink_s, detect_s, decode_cpu, curate_cpu, records = [], [], [], [], [], [], []
     for _ in range(args.rounds):
-        decode_s.append(plain_decode(args.videos))
-        seconds, records = curation_analysis(args.videos, settings, hashes)
-        curate_s.append(seconds)
+        clock = plain_decode(args.videos)
+        decode_s.append(clock.wall)
+        decode_cpu.append(clock.cpu)
+        clock, records = curation_analysis(args.videos, settings, hashes)
+        curate_s.append(clock.wall)
+        curate_cpu.append(clock.cpu)
+        shrink_s.append(partial_pass(args.videos, settings, detect=False))
+        detect_s.append(partial_pass(args.videos, settings, detect=True))
     clips = [r for r in records if r["aesthetic"] is not None]
     print(f"videos: {', '.join(v.name for v in args.videos)}")
     print(
@@ -165,6 +210,16 @@ def main() -> None:
         f"ratio curation/decode: {min(curate_s) / min(decode_s):.2f}   (goal <= 2.0; rounds: "
         + ", ".join(f"{c / d:.2f}" for c, d in zip(curate_s, decode_s))
         + ")"
+    )
+    print(
+        f"ratio in process CPU seconds: {min(curate_cpu) / min(decode_cpu):.2f}   "
+        f"(decode {min(decode_cpu):.2f} s, curation {min(curate_cpu):.2f} s)"
+    )
+
+    d, sh, de, cu = min(decode_s), min(shrink_s), min(detect_s), min(curate_s)
+    print(
+        f"breakdown (fastest rounds, s): decode {d:.2f} | + shrink to analysis size {sh - d:+.2f} | "
+        f"+ scene detector {de - sh:+.2f} | + filters, frame picks, bookkeeping {cu - de:+.2f} | = {cu:.2f}"
     )
 
     frames = clip_frames(args.videos, settings)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from easyanimate.config import SceneConfig, load_settings
+from easyanimate.config import PRESETS_DIR, SceneConfig, load_settings
 from easyanimate.data import curate as curate_mod
 from easyanimate.data.captioners.sidecar import SidecarCaptioner
 from easyanimate.data.curate import build_manifest, curate_dataset, curate_video
@@ -21,6 +21,9 @@ from easyanimate.data.manifest import read_manifest, write_manifest
 from easyanimate.data.quality import run_quality_gate
 from easyanimate.data.scenes import ClipPlan, detect_scenes, plan_clips
 from easyanimate.data.video_io import VideoError, cut_clip, decode_frames, ffmpeg_exe, probe, write_video
+
+# The tiny preset on its own (no project params.yaml): the defaults these tests are written against.
+PRESET_ONLY = PRESETS_DIR / "tiny.yaml"
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 BUNNY = SAMPLES / "bigbuckbunny.mp4"
@@ -47,7 +50,7 @@ def _settings(captions: Path | None = None, **curate):
     overrides = {"paths": {"captions": str(captions)}} if captions else {}
     # The 4 s test clips stay one clip each (the tiny preset cuts 3-3.4 s pieces).
     overrides["curate"] = {"scenes": {"max_duration_s": 10.0}, **curate}
-    return load_settings(path="/nonexistent/params.yaml", overrides=overrides)
+    return load_settings(path=PRESET_ONLY, overrides=overrides)
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -157,7 +160,7 @@ def test_probe_and_decode_times(clean_clip):
 
 
 def test_cut_clip_is_accurate(clean_clip, tmp_path):
-    dst = cut_clip(clean_clip, tmp_path / "c.mp4", 1.0, 3.0, load_settings("/nonexistent.yaml").curate.encode)
+    dst = cut_clip(clean_clip, tmp_path / "c.mp4", 1.0, 3.0, load_settings(PRESET_ONLY).curate.encode)
     info = probe(dst)
     assert info.num_frames == 50 and info.duration_s == pytest.approx(2.0, abs=0.05)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
@@ -224,10 +227,12 @@ def test_degraded_scores_are_clearly_separated(curated):
     assert pd.isna(_row(df, "dark.mp4")["motion"]) and pd.isna(_row(df, "frozen.mp4")["text_area"])
 
 
-def test_no_caption_rejected(clean_clip, tmp_path):
+def test_no_caption_kept_as_uncaptioned(clean_clip, tmp_path):
     settings = _settings()
     recs = curate_video(clean_clip, settings, tmp_path, captioner=SidecarCaptioner([]))
-    assert [(r["status"], r["reject_reason"]) for r in recs] == [("rejected", "no_caption")]
+    # A missing caption is not a filter verdict: the clip is kept (and cut), marked uncaptioned.
+    assert [(r["status"], r["reject_reason"], r["caption_status"]) for r in recs] == [("accepted", None, "uncaptioned")]
+    assert recs[0]["caption"] is None and (tmp_path / recs[0]["clip_path"]).exists()
     assert recs[0]["aesthetic"] is not None and recs[0]["text_area"] is not None  # every computed score kept
 
 
@@ -458,7 +463,7 @@ def two_videos(tmp_path_factory, clean_clip) -> Path:
 def _stage_settings(raw: Path, out: Path, **curate):
     # 1-1.5 s pieces: each 4 s video yields two scored clips; no OCR, it is not what these tests are about.
     return load_settings(
-        "/nonexistent/params.yaml",
+        PRESET_ONLY,
         overrides={
             "paths": {"raw_videos": str(raw), "captions": str(raw / "captions.yaml"), "curated": str(out)},
             "curate": {"scenes": {"min_duration_s": 1.0, "max_duration_s": 1.5}, "text": {"enabled": False}, **curate},
@@ -520,11 +525,11 @@ def test_filters_run_in_configured_order(brightness, clean_clip, tmp_path):
 
 
 def test_unknown_filter_is_named():
-    settings = load_settings("/nonexistent.yaml", overrides={"curate": {"filters": ["aesthetic", "sparkle"]}})
+    settings = load_settings(PRESET_ONLY, overrides={"curate": {"filters": ["aesthetic", "sparkle"]}})
     with pytest.raises(ValueError, match="curate.filters: unknown filter 'sparkle'"):
         build_filters(settings)
     with pytest.raises(Exception, match="twice"):
-        load_settings("/nonexistent.yaml", overrides={"curate": {"filters": ["motion", "motion"]}})
+        load_settings(PRESET_ONLY, overrides={"curate": {"filters": ["motion", "motion"]}})
 
 
 def test_reordering_filters_keys_new_records_but_not_device():
@@ -550,11 +555,11 @@ def test_device_reaches_ocr(monkeypatch):
 
     made = []
     monkeypatch.setitem(sys.modules, "easyocr", types.SimpleNamespace(Reader=lambda *a, **k: made.append(k) or "r"))
-    text = TextFilter(load_settings("/nonexistent.yaml"))
+    text = TextFilter(load_settings(PRESET_ONLY))
     text.setup("cuda")
     text.setup("cuda")  # idempotent: one reader per instance
     assert [k["gpu"] for k in made] == [True] and text.reader == "r"
-    TextFilter(load_settings("/nonexistent.yaml")).setup("cpu")
+    TextFilter(load_settings(PRESET_ONLY)).setup("cpu")
     assert made[-1]["gpu"] is False and made[-1]["download_enabled"] is False
     assert resolve_device("cpu") == "cpu"
     import torch
@@ -614,15 +619,14 @@ def test_run_stage_outputs_reports_and_stable_hash(brightness, two_videos, tmp_p
 def test_run_stage_gate_failure(two_videos, tmp_path):
     from easyanimate.data.curate import run_stage
 
-    settings = _stage_settings(two_videos, tmp_path / "curated")
-    settings = settings.model_copy(
-        update={"paths": settings.paths.model_copy(update={"captions": tmp_path / "none.yaml"})}
-    )
+    # No clip is bright enough: nothing is accepted.
+    settings = _stage_settings(two_videos, tmp_path / "curated", aesthetic={"threshold": 10.0})
     ctx = StageContext(report_dir=tmp_path / "reports", checkpoint_dir=tmp_path / "ck", write_reports=False)
     result = run_stage(settings, ctx)
     assert result.failure.startswith("curated data failed the quality gate:\n- no accepted clips")
+    assert "low_aesthetic 4" in result.failure  # the failure says why nothing was accepted
     assert "Quality gate FAILED" in result.markdown["curate-gate"][1]
-    assert result.metrics["curate/gate_passed"] == 0.0 and result.metrics["curate/reject.no_caption"] == 4
+    assert result.metrics["curate/gate_passed"] == 0.0 and result.metrics["curate/reject.low_aesthetic"] == 4
     assert not (tmp_path / "reports" / "metrics.json").exists()  # write_reports=False leaves the reports alone
     assert json.loads((tmp_path / "curated" / "gate.json").read_text())["success"] is False
     # A configured filter that cannot run is named in the run summary, with the reason.

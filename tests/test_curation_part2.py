@@ -17,11 +17,21 @@ import pandas as pd
 import pytest
 import yaml
 
-from easyanimate.config import SceneConfig, load_settings
+from easyanimate.config import PRESETS_DIR, SceneConfig, load_settings
 from easyanimate.data.curate import curate_dataset
-from easyanimate.data.dedup_index import INDEX_FILE, HashIndex, deduplicate, format_hashes, read_index
+from easyanimate.data.dedup_index import (
+    INDEX_FILE,
+    EmbeddingIndex,
+    HashIndex,
+    deduplicate,
+    format_hashes,
+    read_index,
+)
 from easyanimate.data.scenes import detect_scenes
 from easyanimate.data.video_io import decode_frames, ffmpeg_exe, write_video
+
+# The tiny preset on its own (no project params.yaml): the defaults these tests are written against.
+PRESET_ONLY = PRESETS_DIR / "tiny.yaml"
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 BUNNY = SAMPLES / "bigbuckbunny.mp4"
@@ -37,7 +47,7 @@ def _settings(captions: Path | None = None, weights: dict | None = None, **curat
         # One clip per test video; no OCR (not what these tests are about, and slow on 2 cores).
         "curate": {"scenes": {"min_duration_s": 2.0, "max_duration_s": 10.0}, "text": {"enabled": False}, **curate},
     }
-    return load_settings(path="/nonexistent/params.yaml", overrides=overrides)
+    return load_settings(path=PRESET_ONLY, overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +255,29 @@ def test_hash_index_finds_all_pairs_within_distance():
     assert {(q, q) for q in range(9)} <= brute and (9, 9) not in brute
 
 
+def test_embedding_index_finds_exactly_the_pairs_above_min_cosine():
+    """The LSH index reports the same pairs as the full n x n product, including pairs just above the threshold,
+    and only pairs at or above it; ``first_new`` keeps pairs with a new clip."""
+    rng = np.random.default_rng(2)
+    n, dim = 3000, 64
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    # 60 copies at cosines across [0.94, 0.999] of an earlier clip: some just below 0.95, most at or above.
+    for k, cos in enumerate(np.linspace(0.94, 0.999, 60)):
+        src, dst = k, n - 1 - k
+        noise = rng.standard_normal(dim).astype(np.float32)
+        noise -= (noise @ emb[src]) * emb[src]
+        emb[dst] = cos * emb[src] + np.sqrt(1 - cos * cos) * noise / np.linalg.norm(noise)
+    sims = emb @ emb.T
+    brute = {(int(a), int(b)) for a, b in zip(*np.nonzero(np.triu(sims >= 0.95, k=1)))}
+    assert 40 <= len(brute) <= 60  # the planted pairs at or above the threshold (random pairs are far below)
+    index = EmbeddingIndex(emb, 0.95)
+    a, b = index.pairs()
+    assert set(zip(a.tolist(), b.tolist())) == brute
+    a, b = index.pairs(first_new=n - 10)
+    assert set(zip(a.tolist(), b.tolist())) == {(x, y) for x, y in brute if y >= n - 10}
+
+
 def test_gate_rejects_two_accepted_clips_with_one_hash(curated):
     from easyanimate.data.quality import run_quality_gate
 
@@ -404,6 +437,6 @@ def test_rewriter_batches_and_falls_back(tiny_lm):
     rw.setup("cpu")
     out = rw.rewrite(["a big rabbit", "", "a green meadow"])
     assert len(out) == 3 and out[1] == "" and out[0] and out[2]
-    missing = load_settings("/nonexistent.yaml", overrides={"curate": {"caption": {"rewrite": {"enabled": True}}}})
+    missing = load_settings(PRESET_ONLY, overrides={"curate": {"caption": {"rewrite": {"enabled": True}}}})
     with pytest.raises(FileNotFoundError, match="weights.caption_rewriter"):
         CaptionRewriter.from_settings(missing)

@@ -14,11 +14,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from easyanimate.config import load_settings
+from easyanimate.config import PRESETS_DIR, load_settings
 from easyanimate.data.curate import Curator, analyse_video, curate_dataset
 from easyanimate.data.manifest import read_manifest
 from easyanimate.data.scenes import plan_clips, scan_video
 from easyanimate.data.video_io import decode_frames, ffmpeg_exe, probe
+
+# The tiny preset on its own (no project params.yaml): the defaults these tests are written against.
+PRESET_ONLY = PRESETS_DIR / "tiny.yaml"
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -73,7 +76,7 @@ SHORT_PIECES = {"min_duration_s": 2.0, "max_duration_s": 4.0}
 
 
 def _settings(**curate):
-    return load_settings("/nonexistent/params.yaml", overrides={"curate": {"scenes": SHORT_PIECES, **curate}})
+    return load_settings(PRESET_ONLY, overrides={"curate": {"scenes": SHORT_PIECES, **curate}})
 
 
 # ------------------------------------------------------------------------------------ one decode pass
@@ -98,7 +101,7 @@ def test_single_pass_frames_equal_per_clip_decode(trailer_head):
     plans = [p for p in plan_clips(scenes, settings.curate.scenes) if p.ok]
     assert set(got) == {(p.start_s, p.end_s) for p in plans} and len(plans) >= 3
     for plan in plans:
-        expected = decode_frames(trailer_head, times=samples(plan).times(), size=size)
+        expected = decode_frames(trailer_head, times=samples(plan).times(), size=size, analysis=True)
         np.testing.assert_array_equal(got[(plan.start_s, plan.end_s)], expected)
 
 
@@ -125,7 +128,7 @@ def test_vlm_captions_batched_across_clips(trailer_head, tiny_blip):
     from easyanimate.data.captioners.vlm import VLMCaptioner
 
     settings = load_settings(
-        "/nonexistent.yaml",
+        PRESET_ONLY,
         overrides={
             "weights": {"captioner": str(tiny_blip)},
             "curate": {
@@ -169,9 +172,9 @@ def tiny_blip(tmp_path_factory):
 # ------------------------------------------------------------------------------------ kill and rerun
 _RUNNER = """
 import sys
-from easyanimate.config import load_settings
+from easyanimate.config import PRESETS_DIR, load_settings
 from easyanimate.data.curate import curate_dataset
-s = load_settings("/nonexistent.yaml", overrides={"paths": {"captions": sys.argv[3]}, "curate": {"text": {"enabled": False}}})
+s = load_settings(PRESETS_DIR / "tiny.yaml", overrides={"paths": {"captions": sys.argv[3]}, "curate": {"text": {"enabled": False}}})
 curate_dataset(sys.argv[1], sys.argv[2], s, progress=False)
 """
 
@@ -212,7 +215,7 @@ def test_kill_and_rerun_matches_uninterrupted(small_raw, tmp_path):
     assert 1 <= len(done_before) < 4
 
     settings = load_settings(
-        "/nonexistent.yaml",
+        PRESET_ONLY,
         overrides={"paths": {"captions": str(small_raw / "captions.yaml")}, "curate": {"text": {"enabled": False}}},
     )
     resumed = curate_dataset(small_raw, killed, settings, progress=False)
@@ -275,3 +278,28 @@ def test_curate_flow_on_local_dask_cluster(small_raw, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(
         pd.DataFrame(pickle.loads(pickle.dumps(df.to_dict("records")))), pd.DataFrame(df.to_dict("records"))
     )
+
+
+# ------------------------------------------------------------------------------------ analysis-frame conversion
+def test_analysis_frames_have_the_colours_of_a_plain_rgb_decode():
+    """The scan's cheap path (shrink the decoder's YUV planes, convert only kept frames) gives the colours of the
+    plain path (full-size RGB, then INTER_AREA) to within chroma-subsampling noise, with the source's colour
+    matrix (BT.601 when untagged, BT.709 when tagged so); other pixel formats take the plain path itself."""
+    import av
+
+    from easyanimate.data.video_io import analysis_frame, analysis_rgb, resize_rgb
+
+    with av.open(str(TRAILER)) as container:
+        frame = next(f for i, f in enumerate(container.decode(video=0)) if i == 600)  # a colourful shot at 25 s
+    size = (640, 360)
+    plain = {}
+    for colorspace in (2, 1):  # unspecified (FFmpeg: BT.601), BT.709
+        frame.colorspace = colorspace
+        plain[colorspace] = resize_rgb(frame.to_ndarray(format="rgb24"), size).astype(np.int16)
+        fast = analysis_rgb(analysis_frame(frame, size)).astype(np.int16)
+        diff = np.abs(fast - plain[colorspace])
+        assert fast.shape == (360, 640, 3) and diff.mean() < 2.0 and np.percentile(diff, 99) < 16, colorspace
+    # The BT.709 frame really was converted with BT.709, not the BT.601 matrix.
+    assert np.abs(fast - plain[1]).mean() < 0.6 * np.abs(fast - plain[2]).mean()
+    compact, colour = analysis_frame(frame.reformat(format="yuv444p"), size)
+    assert colour is None and compact.shape == (360, 640, 3)

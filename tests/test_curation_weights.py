@@ -9,7 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from easyanimate.config import CaptionConfig, load_settings
+from easyanimate.config import PRESETS_DIR, CaptionConfig, load_settings
+
+# The tiny preset on its own (no project params.yaml): the defaults these tests are written against.
+PRESET_ONLY = PRESETS_DIR / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def tiny_laion(tmp_path_factory):
 
 def _laion_settings(threshold: float = 4.0, **weights):
     return load_settings(
-        "/nonexistent.yaml",
+        PRESET_ONLY,
         overrides={"weights": weights, "curate": {"aesthetic": {"scorer": "laion", "threshold": threshold}}},
     )
 
@@ -159,7 +162,7 @@ def test_vlm_from_settings_and_missing_weights(tiny_blip):
     from easyanimate.data.captioners.vlm import VLMCaptioner
 
     s = load_settings(
-        "/nonexistent.yaml",
+        PRESET_ONLY,
         overrides={"weights": {"captioner": str(tiny_blip)}, "curate": {"caption": {"captioner": "vlm"}}},
     )
     cap = build_captioner(s)
@@ -170,6 +173,6 @@ def test_vlm_from_settings_and_missing_weights(tiny_blip):
     model = cap.model
     cap.setup("cpu")
     assert cap.model is model
-    missing = load_settings("/nonexistent.yaml", overrides={"curate": {"caption": {"captioner": "vlm"}}})
+    missing = load_settings(PRESET_ONLY, overrides={"curate": {"caption": {"captioner": "vlm"}}})
     with pytest.raises(FileNotFoundError, match="weights.captioner"):
         build_captioner(missing)

@@ -38,12 +38,14 @@ from easyanimate.data.quality import run_quality_gate
 from easyanimate.data.scenes import ClipPlan, detect_scenes, plan_clips, scan_video  # noqa: F401
 from easyanimate.data.summary import (
     HISTOGRAM_BINS,
+    caption_note,
     manifest_table,
     reject_reason_table,
     score_columns,
     score_histograms,
     skipped_filters,
     summarise,
+    uncaptioned_table,
     write_summary,
 )
 from easyanimate.data.video_io import VideoError, VideoInfo, cut_clip, decode_frames, probe
@@ -51,7 +53,7 @@ from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
-RECORD_VERSION = 2  # 2: scenes come from the single decode pass
+RECORD_VERSION = 3  # 2: scenes come from the single decode pass; 3: uncaptioned clips are kept, not rejected
 _CAPTION_ONLY_SIDE = 512  # decode size when no filter is configured (the captioner still wants small frames)
 
 
@@ -100,8 +102,10 @@ def _base(
         "fps": info.fps if info else None,
         **{col: None for col in score_columns},
         "caption": None,
+        "caption_status": None,
         "status": "accepted",
         "reject_reason": None,
+        "duplicate_file_of": None,
         "clip_path": None,
         "split": None,
     }
@@ -148,7 +152,9 @@ class ClipSamples:
 class _CaptionQueue:
     """Survivors wait here so the captioner sees full batches of frames across clips; flushing as
     soon as a batch fills keeps memory at one batch, not one video. A flush captions, rewrites the captions
-    (``caption.rewrite``) and runs the filters that need a caption (``ClipFilter.needs_caption``), in order."""
+    (``caption.rewrite``) and runs the filters that need a caption (``ClipFilter.needs_caption``), in order,
+    on the captioned clips. A clip no caption source covers stays accepted with ``caption_status``
+    uncaptioned (``manifest.how_to_caption`` says what to do)."""
 
     def __init__(
         self,
@@ -176,11 +182,16 @@ class _CaptionQueue:
         for (rec, _, _), raw, caption in zip(self.pending, captions, final):
             if self.rewriter is not None:
                 rec["caption_raw"] = raw
-            rec["caption"] = (caption or "").strip()
-            if not rec["caption"]:
-                rec["status"], rec["reject_reason"] = "rejected", "no_caption"
+            # No caption is not a verdict on the clip: it stays accepted, marked uncaptioned (training refuses it).
+            rec["caption"] = (caption or "").strip() or None
+            rec["caption_status"] = mf.CAPTIONED if rec["caption"] else mf.UNCAPTIONED
         for f in self.filters:
-            live = [(rec, frames) for rec, _, frames in self.pending if rec["status"] == "accepted"]
+            # Filters that judge a clip by its caption judge captioned clips only.
+            live = [
+                (rec, frames)
+                for rec, _, frames in self.pending
+                if rec["status"] == "accepted" and rec["caption_status"] == mf.CAPTIONED
+            ]
             if not live:
                 break
             scores = f.score_captioned([frames[f.name] for _, frames in live], [rec["caption"] for rec, _ in live])
@@ -309,7 +320,9 @@ class Curator:
                     # the pass moved on: decode just this clip's frames (never happens in practice).
                     try:
                         samples = self.samples(plan, info)
-                        split = samples.split(decode_frames(video_path, times=samples.times(), size=size))
+                        split = samples.split(
+                            decode_frames(video_path, times=samples.times(), size=size, analysis=True)
+                        )
                         if self.filter_clip(split, rec):
                             queue.add(rec, split["caption"], split)
                     except VideoError as exc:
@@ -410,14 +423,52 @@ def dedup_enabled(settings: Settings) -> bool:
     return "dedup" in settings.curate.filters and settings.curate.dedup.enabled
 
 
+def mark_duplicate_files(records: list[dict]) -> list[dict]:
+    """Records of all videos (in input order) with each input file whose bytes equal an earlier one's reduced to
+    one ``rejected`` row: reason ``duplicate_file``, ``duplicate_file_of`` = the earlier file's ``source``.
+
+    Clip ids address content (source hash + span), so such a file's records repeat the earlier file's ids; its
+    row gets an id of its own (from its name) so the manifest keeps it."""
+    by_source: dict[str, list[dict]] = {}
+    for rec in records:
+        by_source.setdefault(rec["source"], []).append(rec)
+    owner: dict[str, str] = {}
+    out: list[dict] = []
+    for source, recs in by_source.items():
+        first = next((owner[r["clip_id"]] for r in recs if r["clip_id"] in owner), None)
+        if first is None or first == source:
+            owner.update({r["clip_id"]: source for r in recs})
+            out += recs
+            continue
+        head = recs[0]
+        row = {key: None for rec in recs for key in rec}
+        row.update(
+            clip_id=mf.make_clip_id(f"duplicate_file:{source}:{head['clip_id']}", 0.0, 0.0),
+            source=source,
+            start_s=0.0,
+            end_s=max(float(r["end_s"]) for r in recs),
+            width=head.get("width"),
+            height=head.get("height"),
+            fps=head.get("fps"),
+            status="rejected",
+            reject_reason="duplicate_file",
+            duplicate_file_of=first,
+        )
+        row["duration_s"] = round(row["end_s"], 3)
+        out.append(row)
+    return out
+
+
 def build_manifest(records: list[dict], settings: Settings, out_dir: str | Path | None = None) -> pd.DataFrame:
-    """Records of all videos -> manifest with train/val splits; duplicate clip ids (same bytes twice) dropped.
+    """Records of all videos -> manifest with train/val splits; a file with the same bytes as an earlier one
+    becomes one ``duplicate_file`` row (``mark_duplicate_files``).
 
     With the ``dedup`` filter, near-duplicates are then rejected in one dataset-level pass, in manifest order,
     against the index ``out_dir/dedup_index.parquet`` (updated there; without ``out_dir`` an empty in-memory
     index), before splits are assigned."""
+    records = mark_duplicate_files(records)
     df = mf.to_frame(records, manifest_columns(settings))
-    df = df.drop_duplicates(subset="clip_id", keep="first").reset_index(drop=True)
+    df = df.drop_duplicates(subset="clip_id", keep="first").reset_index(drop=True)  # never drops a file now
     if dedup_enabled(settings):
         embeddings = {r["clip_id"]: r[EMBEDDING_KEY] for r in records if r.get(EMBEDDING_KEY)}
         index_path = Path(out_dir) / INDEX_FILE if out_dir is not None else None
@@ -442,6 +493,8 @@ def curate_dataset(
 
     out_dir = Path(out_dir)
     videos = list_videos(input_dir, settings)
+    # Text-file captions (<video>.txt) are looked up beside the videos.
+    settings = settings.model_copy(update={"paths": settings.paths.model_copy(update={"raw_videos": Path(input_dir)})})
     curator = Curator(settings)
     records: list[dict] = []
     with Progress(disable=not progress, transient=False) as bar:
@@ -454,6 +507,8 @@ def curate_dataset(
         log.warning("curate: filter %s skipped: %s", row["filter"], row["reason"])
     df = build_manifest(records, settings, out_dir)
     mf.write_manifest(df, out_dir / "manifest.parquet")
+    if note := caption_note(df):
+        log.warning("curate: %s", note)
     return df
 
 
@@ -512,7 +567,10 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
         log.warning("curate: filter %s skipped: %s", row["filter"], row["reason"])
         metrics[f"curate/skipped.{row['filter']}"] = 1.0
     reasons, hist = reject_reason_table(df), score_histograms(df, filters)
-    summary_dir = write_summary(out_dir / "summary", reasons, hist, skipped)
+    uncaptioned, note = uncaptioned_table(df), caption_note(df)
+    if note:
+        print(f"curate: {note}")  # the runner's console and logs (Prefect tasks log prints)
+    summary_dir = write_summary(out_dir / "summary", reasons, hist, skipped, uncaptioned, note)
     _log_histograms(ctx, hist, score_columns(filters))
     if ctx.write_reports:
         write_reports(Path(ctx.report_dir), metrics)
@@ -527,6 +585,8 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
     }
     if skipped:
         tables["curate-skipped-filters"] = ("configured filters that did not run, and why", skipped)
+    if uncaptioned:
+        tables["curate-uncaptioned"] = ("accepted clips without a caption (training refuses them)", uncaptioned)
     if hist:
         names = ", ".join(dict.fromkeys(row["score"] for row in hist))
         tables["curate-score-histograms"] = (f"{HISTOGRAM_BINS}-bin histograms of {names}", hist)
@@ -541,6 +601,8 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
             f"## Curation quality gate {'passed' if gate.success else 'FAILED'}\n\n"
             f"Data Docs: `{index.resolve()}`\n\n{where}{report}",
         )
+    if note:
+        markdown["curate-next-steps"] = ("uncaptioned clips: how to caption them", f"## Next step\n\n{note}\n")
     failure = None
     if not gate.success:
         markdown["curate-gate"] = ("curation quality gate failures", f"## Quality gate FAILED\n\n{report}")
@@ -551,7 +613,12 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
         metrics=metrics,
         outputs={"curated": out_dir},
         artifacts=artifacts,
-        info={"manifest": str(manifest), "accepted": accepted},
+        info={
+            "manifest": str(manifest),
+            "accepted": accepted,
+            "uncaptioned": len(uncaptioned),
+            **({"next_step": note} if note else {}),
+        },
         tables=tables,
         markdown=markdown,
         links=links,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from easyanimate.data.manifest import read_manifest
+from easyanimate.data.manifest import read_manifest, require_captions
 from easyanimate.data.video_io import decode_frames
 
 if TYPE_CHECKING:  # only a type: the VAE stages' code (and version) does not depend on DiT bucketing
@@ -66,9 +66,14 @@ def load_clip_frames(
     ``square_crop`` keeps the square centre; without it the whole frame is kept (aspect ratio preserved) so a
     sampler can take random crops. With ``buckets`` (whose sizes already encode the resolution) each clip is
     resized to cover the bucket nearest its aspect ratio and centre-cropped to it: no distortion, little loss.
+
+    Every training and evaluation stage reads clips here, so this is where uncaptioned clips are refused: if any
+    accepted clip of the manifest (any split) has no caption, ``manifest.UncaptionedClips`` names how many and
+    how to caption them, before anything is decoded.
     """
     curated_dir = Path(curated_dir)
     manifest = read_manifest(curated_dir / "manifest.parquet")
+    require_captions(manifest)
     rows = manifest[(manifest["status"] == "accepted") & (manifest["split"] == split)]
     if min_aesthetic is not None:
         rows = rows[rows["aesthetic"] >= min_aesthetic]

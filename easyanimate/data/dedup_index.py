@@ -23,13 +23,16 @@ Scale: ``HashIndex`` finds all pairs within ``max_distance`` by multi-index hash
 some band, so each query probes, per band, the buckets of its band value XOR every mask of at most r bits, in
 a direct-address table (bucket offsets, CSR). Cost: build O(n), query O(probes + candidates) per hash, with
 candidates about n * probes / 2^21: near-linear up to about 10^6 hashes (``benchmarks/dedup_index.py``).
-Embedding pairs are exact blocked cosine products of the new clips against all kept ones (O(new x kept)).
+Embedding pairs come from ``EmbeddingIndex``: random-hyperplane LSH buckets propose candidates, an exact dot product
+confirms them (no false pair; a true pair at exactly ``min_cosine`` is missed with probability <= 1e-4), at about
+O(n^1.15 log n) instead of the O(n^2) of comparing every pair.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +44,11 @@ INDEX_FILE = "dedup_index.parquet"
 INDEX_VERSION = 1
 HASH_BITS = 64
 _BANDS = 3
+# Embedding LSH (EmbeddingIndex): per-pair miss probability at exactly min_cosine, table sizes, block sizes.
+EMBEDDING_MISS = 1e-4
+_MIN_TABLE_BITS, _MAX_TABLE_BITS, _MAX_TABLES = 8, 24, 512
+_HAMMING_SIGMAS = 6.0
+_HASH_BLOCK, _VERIFY_BLOCK = 8192, 1 << 18
 
 
 # ------------------------------------------------------------------------------------ hashes
@@ -189,17 +197,101 @@ def _hash_pairs(H: np.ndarray, scenes: list, n_old: int, cfg) -> set[tuple[int, 
     return {(int(p // n), int(p % n)) for p in ok}
 
 
-def _embedding_pairs(E: np.ndarray, scenes: list, n_old: int, cfg, block: int = 1024) -> set[tuple[int, int]]:
-    n = len(E)
-    out = set()
-    for lo in range(n_old, n, block):
-        sims = E[lo : lo + block] @ E.T
-        for i, j in zip(*np.nonzero(sims >= cfg.min_cosine)):
-            a, b = lo + int(i), int(j)
-            if a == b or (not cfg.compare_same_scene and scenes[a] is not None and scenes[a] == scenes[b]):
-                continue
-            out.add((min(a, b), max(a, b)))
-    return out
+# ------------------------------------------------------------------------------------ embeddings
+def lsh_layout(n: int, min_cosine: float, miss: float = EMBEDDING_MISS) -> tuple[int, int]:
+    """(bits per table, tables) of the random-hyperplane LSH for ``n`` clips (see ``EmbeddingIndex``)."""
+    bits = int(min(_MAX_TABLE_BITS, max(_MIN_TABLE_BITS, math.ceil(math.log2(max(n, 2))))))
+    p = 1.0 - math.acos(max(-1.0, min(1.0, min_cosine))) / math.pi  # one hyperplane keeps the pair together
+    hit = p**bits
+    if hit >= 1.0:
+        return bits, 1
+    tables = math.ceil(math.log(miss) / math.log1p(-hit)) if hit > 0 else _MAX_TABLES
+    return bits, int(min(_MAX_TABLES, max(1, tables)))
+
+
+class EmbeddingIndex:
+    """Every pair of L2-normalised clip embeddings with cosine >= ``min_cosine``, without the n x n product.
+
+    Random-hyperplane LSH (Charikar 2002): a hyperplane through the origin separates two vectors at angle theta
+    with probability theta / pi, so ``bits`` sign bits put a pair at the threshold angle into the same bucket of
+    one table with probability p^bits (p = 1 - acos(min_cosine) / pi). ``bits`` ~ log2(n) keeps about one
+    unrelated clip per bucket; ``tables`` is the fewest with (1 - p^bits)^tables <= ``miss``, so a pair exactly
+    at the threshold is missed with probability at most ``miss`` (1e-4), a closer pair far less often (cosine
+    0.99: about 1e-12 or less). Candidates (a bucket shared in any table) are pre-screened by the Hamming distance of all
+    their sign bits (a bound ``_HAMMING_SIGMAS`` binomial standard deviations above the threshold angle's
+    expectation, so it drops no true pair in practice), then checked exactly (dot product): a reported pair
+    always has cosine >= ``min_cosine``. Cost: hashing O(n * bits * tables * dim), candidates about
+    n * tables; tables grow as n^rho with rho = log2(1 / p) (0.15 at 0.95), i.e. O(n^(1+rho) log n) overall
+    (``benchmarks/dedup_index.py`` prints the measured growth). The planes come from a fixed seed: reruns agree.
+    """
+
+    def __init__(self, embeddings: np.ndarray, min_cosine: float, miss: float = EMBEDDING_MISS, seed: int = 0):
+        self.E = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.min_cosine = float(min_cosine)
+        n, dim = self.E.shape if self.E.ndim == 2 else (len(self.E), 0)
+        self.bits, self.tables = lsh_layout(n, self.min_cosine, miss)
+        total = self.bits * self.tables
+        planes = np.random.default_rng(seed).standard_normal((dim, total)).astype(np.float32)
+        weights = (1 << np.arange(self.bits, dtype=np.int64))[::-1]
+        self.keys = np.empty((self.tables, n), np.int32)  # bits <= 24
+        self.codes = np.empty((n, -(-total // 8)), np.uint8)
+        for lo in range(0, n, _HASH_BLOCK):
+            signs = (self.E[lo : lo + _HASH_BLOCK] @ planes) > 0
+            self.keys[:, lo : lo + _HASH_BLOCK] = (signs.reshape(len(signs), self.tables, self.bits) @ weights).T
+            self.codes[lo : lo + _HASH_BLOCK] = np.packbits(signs, axis=1)
+        # Sign-bit disagreements of a pair at the threshold angle ~ Binomial(total, theta / pi).
+        q = math.acos(max(-1.0, min(1.0, self.min_cosine))) / math.pi
+        self.max_hamming = total * q + _HAMMING_SIGMAS * math.sqrt(total * q * (1 - q)) + 1
+
+    def __len__(self) -> int:
+        return len(self.E)
+
+    def pairs(self, first_new: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b) with a < b, b >= ``first_new`` (pairs of older clips were settled before), cosine >= the
+        threshold; sorted, no repeats."""
+        n = len(self.E)
+        found = []
+        for keys in self.keys:
+            order = np.argsort(keys, kind="stable")
+            sk = keys[order]
+            # Every pair inside a bucket: sorted position i with i + step while the key stays the same.
+            live = np.arange(n - 1)
+            step = 1
+            while len(live):
+                live = live[sk[live] == sk[live + step]]
+                if len(live):
+                    a, b = order[live], order[live + step]
+                    a, b = np.minimum(a, b), np.maximum(a, b)
+                    new = b >= first_new
+                    found.append(a[new] * n + b[new])
+                live = live[live + step + 1 < n]
+                step += 1
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        cand = np.sort(np.concatenate(found))  # a pair sharing buckets in several tables comes once
+        cand = cand[np.r_[True, cand[1:] != cand[:-1]]]
+        a, b = cand // n, cand % n
+        out_a, out_b = [], []
+        for lo in range(0, len(a), _VERIFY_BLOCK):
+            ca, cb = a[lo : lo + _VERIFY_BLOCK], b[lo : lo + _VERIFY_BLOCK]
+            near = np.bitwise_count(self.codes[ca] ^ self.codes[cb]).sum(axis=1) <= self.max_hamming
+            ca, cb = ca[near], cb[near]
+            cos = np.einsum("ij,ij->i", self.E[ca], self.E[cb])
+            ok = cos >= self.min_cosine
+            out_a.append(ca[ok])
+            out_b.append(cb[ok])
+        return np.concatenate(out_a), np.concatenate(out_b)
+
+
+def _embedding_pairs(E: np.ndarray, scenes: list, n_old: int, cfg) -> set[tuple[int, int]]:
+    """Unordered unit pairs (u < v, at least one new) with cosine >= ``min_cosine``, other scenes only unless
+    ``compare_same_scene``."""
+    if len(E) == 0 or n_old == len(E):
+        return set()
+    a, b = EmbeddingIndex(E, cfg.min_cosine).pairs(first_new=n_old)
+    return {
+        (int(u), int(v)) for u, v in zip(a, b) if cfg.compare_same_scene or scenes[u] is None or scenes[u] != scenes[v]
+    }
 
 
 def deduplicate(

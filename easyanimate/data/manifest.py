@@ -27,12 +27,54 @@ HEAD_COLUMNS: dict[str, str] = {
 }
 TAIL_COLUMNS: dict[str, str] = {
     "caption": "string",
+    # captioned | uncaptioned (no caption source had one: the clip passed every filter and is kept, but training
+    # refuses it until it is captioned) | <NA> (rejected before captioning). Filter verdicts never depend on it.
+    "caption_status": "string",
     "status": "string",  # accepted | rejected | quarantined
     "reject_reason": "string",  # <NA> for accepted
+    "duplicate_file_of": "string",  # reject_reason duplicate_file: the input file with the same bytes
     "clip_path": "string",  # relative to the curated output dir; accepted rows only
     "split": "string",  # train | val; accepted rows only
 }
 STATUSES = ("accepted", "rejected", "quarantined")
+CAPTIONED, UNCAPTIONED = "captioned", "uncaptioned"
+CAPTION_SIDECAR_SUFFIX = ".txt"
+
+
+def how_to_caption() -> str:
+    """What to do about uncaptioned clips: the one text the curate summary and the training refusal share."""
+    return (
+        "caption them, then rerun `easyanimate curate` (videos whose captions did not change are not redone): "
+        f"write each video's caption in a text file next to it with the same name and a {CAPTION_SIDECAR_SUFFIX} "
+        f"suffix (my_video.mp4 -> my_video{CAPTION_SIDECAR_SUFFIX}, one caption for every clip of that video), "
+        "or list time-ranged captions in the YAML sidecar that paths.captions names "
+        "(- {file: my_video.mp4, start: 0, end: 10, caption: ...}), "
+        "or caption with a local vision-language model: set curate.caption.captioner: vlm and weights.captioner "
+        "to a transformers BLIP-style model folder"
+    )
+
+
+def uncaptioned_message(uncaptioned: int, accepted: int) -> str:
+    return f"{uncaptioned} of {accepted} accepted clips have no caption: {how_to_caption()}"
+
+
+class UncaptionedClips(ValueError):
+    """Training was asked to use accepted clips that have no caption."""
+
+
+def uncaptioned_mask(df: pd.DataFrame) -> pd.Series:
+    """Accepted rows without a usable caption (whatever ``caption_status`` says, an empty caption counts)."""
+    accepted = df["status"] == "accepted"
+    caption = df["caption"].astype("string").str.strip()
+    return accepted & (caption.isna() | (caption == "")).fillna(True)
+
+
+def require_captions(df: pd.DataFrame) -> None:
+    """Raise ``UncaptionedClips`` (naming how many, and how to caption them) if any accepted clip lacks one."""
+    missing = int(uncaptioned_mask(df).sum())
+    if missing:
+        accepted = int((df["status"] == "accepted").sum())
+        raise UncaptionedClips("cannot train on uncaptioned clips: " + uncaptioned_message(missing, accepted))
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -110,6 +152,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     """The manifest with its fixed columns typed; score columns keep the dtypes they were written with."""
     df = pd.read_parquet(path)
     fixed = {**HEAD_COLUMNS, **TAIL_COLUMNS}
+    if "caption_status" not in df.columns and "caption" in df.columns:
+        captioned = df["caption"].notna() & (df["status"] == "accepted")
+        df["caption_status"] = pd.Series(pd.NA, index=df.index, dtype="string").mask(captioned, CAPTIONED)
+    if "duplicate_file_of" not in df.columns:
+        df["duplicate_file_of"] = pd.NA
     missing = [c for c in fixed if c not in df.columns]
     if missing:
         raise ValueError(f"{path} is not a curation manifest: missing columns {missing}")

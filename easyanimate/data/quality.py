@@ -1,7 +1,10 @@
 """Quality gate on the curated manifest: a great_expectations 1.x suite over the ACCEPTED rows.
 
 The gate re-checks, independently of the curator's code path, that every accepted clip satisfies the
-configured thresholds and that its file exists and decodes. The suite is the core checks below plus
+configured thresholds and that its file exists and decodes. Captions are not a quality verdict: an accepted clip
+is either captioned (non-empty caption) or marked uncaptioned (no caption at all); both pass, the gate checks the
+two agree. Uncaptioned clips are listed in ``gate.json``'s ``notes`` with what to do, and training refuses them
+(``manifest.require_captions``), so curating one's own footage succeeds and says how to caption it. The suite is the core checks below plus
 each configured filter's own ``expectations()``. A failing gate names each failed expectation with the
 offending clip ids. ``gate.json`` (pass/fail and failures only, deterministic) is written beside the
 manifest; the GX Data Docs report, timestamped on every run, goes to ``report_dir`` (the stage's
@@ -20,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from easyanimate.config import Settings
+from easyanimate.data import manifest as mf
 from easyanimate.data.video_io import VideoError, probe
 from easyanimate.stage_api import StageFailed
 from easyanimate.utils import atomic_write_text
@@ -36,6 +40,7 @@ class GateResult:
     success: bool
     failures: list[str] = field(default_factory=list)
     report_dir: Path | None = None  # the Data Docs site, when one was written
+    notes: list[str] = field(default_factory=list)  # not failures: what to do next (e.g. uncaptioned clips)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,8 +80,8 @@ def _expectations(settings: Settings, filters) -> list:
         if f.enabled:
             exps += f.expectations()
     return exps + [
-        E.ExpectColumnValuesToNotBeNull(column="caption"),
-        E.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1),
+        E.ExpectColumnValuesToBeInSet(column="caption_status", value_set=[mf.CAPTIONED, mf.UNCAPTIONED]),
+        E.ExpectColumnValuesToBeInSet(column="caption_consistent", value_set=[True]),
         E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val"]),
         E.ExpectColumnValuesToBeInSet(column="file_ok", value_set=[True]),
     ]
@@ -125,7 +130,12 @@ def run_quality_gate(
         filters = build_filters(settings)
     acc = df[df["status"] == "accepted"].copy()
     if acc.empty:
-        result = GateResult(False, ["no accepted clips: the curated dataset is empty"], None)
+        rejected = df["reject_reason"].fillna("unknown").value_counts()
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(rejected.items()))
+        message = "no accepted clips: the curated dataset is empty" + (
+            f" ({len(df)} clips: {why}; see summary/reject_reasons.csv)" if len(df) else " (no input videos)"
+        )
+        result = GateResult(False, [message], None)
         if report_dir is not None:  # no suite ran: a previous run's report would describe other data
             shutil.rmtree(report_dir, ignore_errors=True)
         _write_json(result, out_dir)
@@ -133,6 +143,15 @@ def run_quality_gate(
     # GX validates columns, so compute derived checks first.
     acc["pixels"] = acc["width"].astype("float64") * acc["height"].astype("float64")
     acc["file_ok"] = [_file_ok(clips_root, p) for p in acc["clip_path"]]
+    if "caption_status" not in acc:  # a manifest from before the column: a caption means captioned
+        acc["caption_status"] = [mf.CAPTIONED if pd.notna(c) else mf.UNCAPTIONED for c in acc["caption"]]
+    text = acc["caption"].astype("string").str.strip()
+    has_caption = (text.notna() & (text != "")).fillna(False)
+    acc["caption_consistent"] = ((acc["caption_status"] == mf.CAPTIONED) & has_caption) | (
+        (acc["caption_status"] == mf.UNCAPTIONED) & acc["caption"].isna()
+    )
+    acc["caption_consistent"] = acc["caption_consistent"].fillna(False).astype(bool)
+    notes = [note] if (note := _caption_note(df)) else []
     acc = _plain(acc).reset_index(drop=True)
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # offline machines; never phone home
@@ -176,13 +195,21 @@ def run_quality_gate(
                 shutil.copytree(site, tmp)
                 tmp.rename(report_dir)
                 written = report_dir
-    result = GateResult(bool(run.success) and not failures, failures, written)
+    result = GateResult(bool(run.success) and not failures, failures, written, notes)
     _write_json(result, out_dir)
     return result
 
 
+def _caption_note(df: pd.DataFrame) -> str | None:
+    missing = int(mf.uncaptioned_mask(df).sum())
+    if not missing:
+        return None
+    return "not trainable yet: " + mf.uncaptioned_message(missing, int((df["status"] == "accepted").sum()))
+
+
 def _write_json(result: GateResult, out_dir: Path) -> None:
     # Only what the data decides: no paths, no timestamps, so an unchanged dataset keeps its content hash.
-    atomic_write_text(
-        out_dir / "gate.json", json.dumps({"success": result.success, "failures": result.failures}, indent=1)
-    )
+    data = {"success": result.success, "failures": result.failures}
+    if result.notes:  # only when there are some: a captioned dataset's gate.json stays as it was
+        data["notes"] = result.notes
+    atomic_write_text(out_dir / "gate.json", json.dumps(data, indent=1))

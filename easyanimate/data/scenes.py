@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import av
-import cv2
 import numpy as np
 
 from easyanimate.config import SceneConfig
-from easyanimate.data.video_io import VideoError, VideoInfo, probe, resize_rgb
+from easyanimate.data.video_io import VideoError, VideoInfo, analysis_bgr, analysis_frame, analysis_rgb, probe
 
 
 @dataclass(frozen=True)
@@ -85,11 +84,13 @@ def detector_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(width / factor)), max(1, round(height / factor))
 
 
-def nearest_frames(window: Sequence[tuple[float, np.ndarray]], times: Sequence[float]) -> np.ndarray:
-    """The frame nearest each requested time (ties to the earlier frame), in the requested order."""
+def nearest_frames(window: Sequence[tuple[float, tuple]], times: Sequence[float]) -> np.ndarray:
+    """RGB of the frame nearest each requested time (ties to the earlier frame), in the requested order; the
+    window holds ``analysis_frame`` results, each converted once however many requests pick it."""
     stamps = np.fromiter((t for t, _ in window), dtype=float, count=len(window))
     picks = [int(np.argmin(np.abs(stamps - t))) for t in times]
-    return np.stack([window[i][1] for i in picks])
+    rgb = {i: analysis_rgb(window[i][1]) for i in dict.fromkeys(picks)}
+    return np.stack([rgb[i] for i in picks])
 
 
 def _decode_tolerant(container, stream):
@@ -115,12 +116,13 @@ def scan_video(
 ) -> tuple[list[tuple[float, float]], dict[tuple[float, float], bool]]:
     """ONE sequential decode that both detects scenes and hands every clip its sampled frames.
 
-    Each decoded frame is converted once to RGB at ``size`` (the analysis size the filters share);
-    a further downscale of it feeds PySceneDetect's ``ContentDetector``, driven frame by frame here
-    instead of through PySceneDetect's own (second) decoder. Decoded frames wait in a look-back
-    window until the clip plan covering them is final, then ``on_clip(plan, frames)`` receives the
-    frames nearest ``times_for(plan)`` and the window is trimmed. Memory is therefore bounded by
-    about ``max_duration_s`` of analysis-size frames, whatever the video length.
+    Each decoded frame is shrunk once to ``size`` (the analysis size the filters share) in its decoder's
+    YUV form (``video_io.analysis_frame``); a further downscale of it, as BGR, feeds PySceneDetect's
+    ``ContentDetector``, driven frame by frame here instead of through PySceneDetect's own (second)
+    decoder. Decoded frames wait in a look-back window until the clip plan covering them is final, then
+    ``on_clip(plan, frames)`` receives the RGB frames nearest ``times_for(plan)`` (the only frames ever
+    converted to RGB) and the window is trimmed. Memory is therefore bounded by about ``max_duration_s``
+    of analysis-size frames, whatever the video length.
 
     A clip is final when no later cut can change it: at a cut, or when the playhead is past its end
     + ``trim_tail_s`` + the detector's event look-behind (``event_buffer_length`` frames). Returns the
@@ -132,7 +134,8 @@ def scan_video(
 
     path = Path(path)
     detector = ContentDetector(threshold=cfg.threshold, min_scene_len=cfg.min_scene_len)
-    det_size = detector_size(*(size or (info.width, info.height)))
+    # PySceneDetect's own choice for this source, or for the analysis size when that is smaller still.
+    det_size = min(detector_size(info.width, info.height), detector_size(*(size or (info.width, info.height))))
     lag_s = (detector.event_buffer_length + 1) / info.fps
     wants_frames = on_clip is not None and times_for is not None
     window: list[tuple[float, np.ndarray]] = []
@@ -186,10 +189,10 @@ def scan_video(
             t = frame.pts * tb_num / tb_den
             if state["scene_start"] is None:  # scenes start at the first frame, as in PySceneDetect
                 state["scene_start"] = state["piece_start"] = first_t = t
-            rgb = resize_rgb(frame.to_ndarray(format="rgb24"), size)
+            compact = analysis_frame(frame, size)
             if wants_frames:
-                window.append((t, rgb))
-            small = cv2.cvtColor(resize_rgb(rgb, det_size, cv2.INTER_LINEAR), cv2.COLOR_RGB2BGR)
+                window.append((t, compact))
+            small = analysis_bgr(compact, det_size)
             timecode = FrameTimecode(Timecode(pts=frame.pts, time_base=time_base), fps=rate)
             for cut in detector.process_frame(timecode, small):
                 cuts.append(cut.seconds)

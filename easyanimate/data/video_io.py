@@ -98,19 +98,111 @@ def resize_rgb(img: np.ndarray, size: tuple[int, int] | None, interpolation: int
     return cv2.resize(img, tuple(size), interpolation=interpolation)
 
 
+# ------------------------------------------------------------------------------------ analysis frames
+# Curation looks at every decoded frame (the scene detector) but keeps few of them, small. Converting each
+# full-size frame to RGB and then shrinking it cost more than decoding it, so the curation pass shrinks the
+# decoder's own YUV 4:2:0 planes (OpenCV INTER_AREA, luma and chroma separately: ~10x cheaper) and keeps them
+# in that compact form (half the bytes of RGB); only frames a filter asks for become RGB. Other pixel formats
+# (10-bit, 4:2:2, 4:4:4, odd sizes) take the plain path: full-size RGB, then the same resize.
+_I420_FORMATS = {"yuv420p", "yuvj420p"}
+# Colour spaces whose YUV -> RGB matrix is OpenCV's (BT.601, limited range): unspecified, BT470BG, SMPTE170M.
+_CV2_COLORSPACES = {2, 5, 6}
+_FULL_RANGE = 2  # AVCOL_RANGE_JPEG
+
+
+def _i420_ok(frame, size: tuple[int, int] | None) -> bool:
+    w, h = size or (frame.width, frame.height)
+    return frame.format.name in _I420_FORMATS and not (frame.width % 2 or frame.height % 2) and not (w % 2 or h % 2)
+
+
+def _plane(frame, i: int, w: int, h: int) -> np.ndarray:
+    """Plane ``i`` of ``frame`` as a (h, w) uint8 view of the decoder's buffer (no copy; rows may be padded)."""
+    plane = frame.planes[i]
+    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:h, :w]
+
+
+def _i420_views(array: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Y (h, w), U and V (h/2, w/2) views into a contiguous I420 ``(h * 3 // 2, w)`` array (OpenCV's layout:
+    the chroma planes follow the luma rows back to back, whatever h / 2's parity)."""
+    h, w = array.shape[0] * 2 // 3, array.shape[1]
+    flat, luma, chroma = array.reshape(-1), h * w, (h // 2) * (w // 2)
+    u = flat[luma : luma + chroma].reshape(h // 2, w // 2)
+    return array[:h], u, flat[luma + chroma :].reshape(h // 2, w // 2)
+
+
+def _resize_i420(planes, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """Y, U, V planes (4:2:0) -> one I420 array at ``size`` (even sides), each plane resized on its own."""
+    w, h = size
+    out = np.empty((h * 3 // 2, w), np.uint8)
+    for src, dst in zip(planes, _i420_views(out)):
+        if src.shape == dst.shape:
+            dst[:] = src
+        else:
+            cv2.resize(src, (dst.shape[1], dst.shape[0]), dst=dst, interpolation=interpolation)
+    return out
+
+
+def analysis_frame(frame, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """A decoded frame at ``size=(w, h)`` in compact form, for ``analysis_rgb`` / ``analysis_bgr`` later.
+
+    Returns ``(array, colour)``: for 4:2:0 sources the I420 planes as one ``(h * 3 // 2, w)`` array (INTER_AREA
+    per plane) and ``colour = (colorspace, color_range)`` of the source; otherwise RGB ``(h, w, 3)`` (full-size
+    RGB then ``resize_rgb``) and ``None``."""
+    if not _i420_ok(frame, size):
+        return resize_rgb(frame.to_ndarray(format="rgb24"), size), None
+    fw, fh = frame.width, frame.height
+    planes = (_plane(frame, 0, fw, fh), _plane(frame, 1, fw // 2, fh // 2), _plane(frame, 2, fw // 2, fh // 2))
+    out = _resize_i420(planes, size or (fw, fh), cv2.INTER_AREA)
+    full_range = frame.format.name == "yuvj420p" or frame.color_range == _FULL_RANGE
+    return out, (int(frame.colorspace), _FULL_RANGE if full_range else int(frame.color_range))
+
+
+def analysis_rgb(compact: tuple[np.ndarray, tuple[int, int] | None]) -> np.ndarray:
+    """RGB ``(h, w, 3)`` of an ``analysis_frame``, converted with the source's colour matrix and range."""
+    array, colour = compact
+    if colour is None:
+        return array
+    colorspace, color_range = colour
+    if colorspace in _CV2_COLORSPACES and color_range != _FULL_RANGE:
+        return cv2.cvtColor(array, cv2.COLOR_YUV2RGB_I420)
+    # BT.709, BT.2020, full range...: FFmpeg's swscale knows them all (costs more; only kept frames get here).
+    small = av.VideoFrame.from_ndarray(array, format="yuv420p")
+    small.colorspace, small.color_range = colorspace, color_range
+    return small.to_ndarray(format="rgb24")
+
+
+def analysis_bgr(compact: tuple[np.ndarray, tuple[int, int] | None], size: tuple[int, int]) -> np.ndarray:
+    """BGR ``(h, w, 3)`` at ``size`` (bilinear) for the scene detector, which compares neighbouring frames' HSV:
+    OpenCV's BT.601 matrix whatever the source's (a fixed colour cast cancels out of frame-to-frame changes)."""
+    array, colour = compact
+    if colour is None:
+        return cv2.cvtColor(resize_rgb(array, size, cv2.INTER_LINEAR), cv2.COLOR_RGB2BGR)
+    if size[0] % 2 or size[1] % 2:
+        return resize_rgb(cv2.cvtColor(array, cv2.COLOR_YUV2BGR_I420), size, cv2.INTER_LINEAR)
+    return cv2.cvtColor(_resize_i420(_i420_views(array), size, cv2.INTER_LINEAR), cv2.COLOR_YUV2BGR_I420)
+
+
 def decode_frames(
     path: str | Path,
     start_s: float = 0.0,
     end_s: float | None = None,
     times: Sequence[float] | None = None,
     size: tuple[int, int] | None = None,
+    analysis: bool = False,
 ) -> np.ndarray:
     """Decode RGB frames in one sequential pass.
 
     Without ``times``: every frame with ``start_s <= t < end_s``. With ``times`` (absolute seconds):
     the frame nearest each requested time, in the requested order, so one pass feeds every filter.
-    ``size=(w, h)`` resizes. Returns uint8 ``(T, H, W, 3)``.
+    ``size=(w, h)`` resizes. ``analysis=True`` converts as curation's scan does (``analysis_frame``), so a
+    clip decoded on its own gets exactly the frames the scan would have handed it. Returns uint8 ``(T, H, W, 3)``.
     """
+
+    def convert(frame) -> np.ndarray:
+        if analysis:
+            return analysis_rgb(analysis_frame(frame, size))
+        return resize_rgb(frame.to_ndarray(format="rgb24"), size)
+
     try:
         container = av.open(str(path))
     except Exception as exc:
@@ -151,7 +243,7 @@ def decode_frames(
                     continue
                 if end_s is not None and t >= end_s - 1e-6:
                     break
-                frames.append(resize_rgb(frame.to_ndarray(format="rgb24"), size))
+                frames.append(convert(frame))
                 stamps.append(t)
         except av.error.FFmpegError as exc:
             # Truncated tails: keep what decoded, fail only when nothing did.
@@ -168,7 +260,7 @@ def decode_frames(
             converted: dict[int, np.ndarray] = {}
             for _, fr in best.values():
                 if id(fr) not in converted:
-                    converted[id(fr)] = resize_rgb(fr.to_ndarray(format="rgb24"), size)
+                    converted[id(fr)] = convert(fr)
             order = np.argsort(np.asarray(times, dtype=float), kind="stable")
             out = [None] * len(want)
             for rank, orig in enumerate(order):

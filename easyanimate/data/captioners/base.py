@@ -2,8 +2,8 @@
 
 Life cycle, per worker process: ``cls.from_settings(settings)`` (cheap: reads the sidecar, resolves weight
 paths) -> ``setup(device)`` once, the first time a video needs captions (loads models) ->
-``caption_clips(requests)`` on batches of clips. An empty caption means "no caption", which the curator
-rejects with reason ``no_caption``. Threads of one worker share the instance: a model captioner holds
+``caption_clips(requests)`` on batches of clips. An empty caption means "no caption": the curator keeps the
+clip (its filters decided) with ``caption_status`` uncaptioned, and training refuses it until captioned. Threads of one worker share the instance: a model captioner holds
 a lock of its own around model calls.
 """
 
