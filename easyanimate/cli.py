@@ -35,12 +35,13 @@ def _settings(params: Optional[Path], preset: Optional[str] = None):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Failures with a one-line cause for the user: printed as such (rc 2), never as a traceback."""
+    from easyanimate.data.manifest import UncaptionedClips
     from easyanimate.stage_api import StageFailed
     from easyanimate.tracking import TrackingUnavailable
     from easyanimate.utils import CorruptCheckpoint
     from easyanimate.workspace import WorkspaceBusy
 
-    return (StageFailed, TrackingUnavailable, CorruptCheckpoint, WorkspaceBusy)
+    return (StageFailed, TrackingUnavailable, CorruptCheckpoint, WorkspaceBusy, UncaptionedClips)
 
 
 @contextlib.contextmanager
@@ -166,6 +167,8 @@ def curate(
         result = curate_flow(str(params) if params else None, str(input_dir), str(output_dir), preset=preset)
     typer.echo(json.dumps(result["metrics"], indent=2))
     typer.secho(f"manifest: {result['manifest']}  accepted clips: {result['accepted']}", fg=typer.colors.GREEN)
+    if result.get("next_step"):  # e.g. clips kept without captions, and how to caption them
+        typer.secho(result["next_step"], fg=typer.colors.YELLOW)
 
 
 def resolve_pipeline_dir(model: str, settings) -> Path:
