@@ -67,8 +67,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        _honour_umask(tmp, directory=True)
         yield tmp
+        # Some writers (safetensors) create 0600 files whatever the umask: the finished folder gets plain modes.
+        for item in [tmp, *tmp.rglob("*")]:
+            if not item.is_symlink():
+                _honour_umask(item, directory=item.is_dir())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -90,9 +90,26 @@ WEIGHT_FOLDERS = ("vae/stage1", "vae/stage2", "dit/stage1", "dit/stage2", "dit/s
 
 
 def weight_hashes(project: Path) -> dict[str, str]:
-    from easyanimate.utils import hash_path
+    """Per folder, a hash of each safetensors file's tensors and metadata (the header's byte order varies
+    between writes of equal content) and of its other files."""
+    import hashlib
 
-    return {name: hash_path(project / "models" / name) for name in WEIGHT_FOLDERS}
+    from safetensors import safe_open
+
+    out = {}
+    for name in WEIGHT_FOLDERS:
+        digest = hashlib.sha256()
+        for file in sorted((project / "models" / name).rglob("*")):
+            digest.update(file.name.encode())
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as weights:
+                    digest.update(json.dumps(weights.metadata(), sort_keys=True).encode())
+                    for key in sorted(weights.keys()):
+                        digest.update(key.encode() + weights.get_tensor(key).numpy().tobytes())
+            elif file.is_file():
+                digest.update(file.read_bytes())
+        out[name] = digest.hexdigest()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +140,11 @@ def test_pipeline_writes_video_and_champion(demo):
     manifest = project / "data" / "curated" / "manifest.parquet"
     assert manifest.exists() and (project / "data" / "curated" / "gate.json").exists()
     for stage in ("vae/stage1", "vae/stage2", "dit/stage1", "dit/stage2", "dit/stage3"):
-        assert (project / "models" / stage / "diffusion_pytorch_model.safetensors").exists(), stage
+        weights = project / "models" / stage / "diffusion_pytorch_model.safetensors"
+        # The mode the umask gives (644 under the usual 022), not the 0600 some writers create files with.
+        mask = os.umask(0o022)
+        os.umask(mask)
+        assert weights.exists() and weights.stat().st_mode & 0o777 == 0o666 & ~mask, stage
     assert any((project / "models" / "lora").glob("*.safetensors"))
     print(f"pipeline wall time {seconds:.1f} s")
 

@@ -33,12 +33,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from easyanimate.utils import atomic_file
 
 INDEX_FILE = "dedup_index.parquet"
 INDEX_VERSION = 1
@@ -159,14 +159,8 @@ def write_index(index: pd.DataFrame, path: Path, num_frames: int) -> Path:
         )
     table = pa.table(columns).replace_schema_metadata({"easyanimate.dedup": json.dumps(_meta(num_frames))})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
