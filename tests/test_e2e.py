@@ -345,8 +345,9 @@ def test_uncaptioned_footage_stops_before_training_saying_how_to_caption(tmp_pat
     out = proc.stdout + proc.stderr
     # Curation keeps the clip that passes every filter (uncaptioned); training refuses it with the same
     # message the curation summary gave, naming the ways to caption.
-    last = proc.stderr.strip().splitlines()[-1]  # the command's own one-line error, after Prefect's log
-    assert last.startswith("cannot train on uncaptioned clips:") and ".txt" in last
+    # The command's own error is one whole line (Prefect's log around it is its own).
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("cannot train on uncaptioned clips:")]
+    assert len(refusals) == 1 and ".txt" in refusals[0] and "weights.captioner" in refusals[0]
     assert out.count("have no caption") >= 2
     assert not (project / "models").exists()
     import pandas as pd
