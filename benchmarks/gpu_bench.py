@@ -100,6 +100,9 @@ def dit_kwargs(settings, latent_channels: int, text_dim: int) -> dict:
         grid_reshape=m.grid_reshape,
         long_skips=m.long_skips,
         base_latent_size=m.base_resolution // 8,
+        interpolation_scale=m.interpolation_scale,
+        pos_embed_order=m.pos_embed_order,
+        use_additional_conditions=m.use_additional_conditions,
     )
 
 

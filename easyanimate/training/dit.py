@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -27,11 +27,19 @@ from easyanimate.config import BucketConfig, Settings, resolve_weight_path
 from easyanimate.data.buckets import BucketTable, draw_batch, frame_bucket, frame_buckets_for, group_indices
 from easyanimate.data.datasets import ClipFrames, load_clip_frames, to_model_range
 from easyanimate.models.dit import EasyAnimateTransformer3DModel
+from easyanimate.models.dit.pixart import KeyMapReport, PixArtInitError, find_pixart_folder, init_from_pixart
 from easyanimate.models.text_encoder import encode_prompts, load_text_encoder
 from easyanimate.models.vae import SliceVAE
 from easyanimate.schedulers import make_inference_scheduler, make_train_scheduler
 from easyanimate.stage_api import StageContext, StageResult, write_reports
-from easyanimate.training.common import TrainResult, config_mismatches, make_accelerator, step_generator, train_loop
+from easyanimate.training.common import (
+    TrainResult,
+    config_mismatches,
+    latest_checkpoint,
+    make_accelerator,
+    step_generator,
+    train_loop,
+)
 from easyanimate.utils import atomic_directory, atomic_file, atomic_write_json, hash_path
 
 
@@ -50,7 +58,61 @@ def build_transformer(settings: Settings, latent_channels: int, text_embed_dim: 
         grid_reshape=m.grid_reshape,
         long_skips=m.long_skips,
         base_latent_size=m.base_resolution // 8,
+        interpolation_scale=m.interpolation_scale,
+        pos_embed_order=m.pos_embed_order,
+        use_additional_conditions=m.use_additional_conditions,
     )
+
+
+INIT_SETTING = "dit.stage1.init_from"
+
+
+@dataclass
+class DiTTrainResult(TrainResult):
+    """``TrainResult`` plus what ``dit.stage1.init_from`` did: the key-map report, or why it was skipped."""
+
+    init: KeyMapReport | None = None
+    init_skipped: str | None = None
+
+    def init_summary(self) -> dict | None:
+        if self.init is not None:
+            return self.init.summary()
+        return {"skipped": self.init_skipped} if self.init_skipped else None
+
+
+def pixart_init_source(
+    settings: Settings, stage: int, init_dir: Path | None, ckpt_dir: Path
+) -> tuple[Path | None, str | None]:
+    """``(folder, None)`` when ``dit.stage1.init_from`` applies to this run, else ``(None, reason or None)``.
+
+    It applies to stage 1 only, and only to a fresh model: resuming a checkpoint or warm-starting wins.
+    """
+    spec = settings.dit.stage1.init_from
+    if stage != 1 or not spec:
+        return None, None
+    if init_dir is not None:
+        return None, f"warm start from {init_dir}"
+    if (latest := latest_checkpoint(Path(ckpt_dir))) is not None:
+        return None, f"resuming {latest[1]}"
+    try:
+        folder = resolve_weight_path(spec, INIT_SETTING)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (a PixArtTransformer2DModel folder)") from None
+    try:
+        pixart = json.loads((find_pixart_folder(folder) / "config.json").read_text())
+    except PixArtInitError as exc:
+        raise ValueError(f"{INIT_SETTING}={spec!r}: {exc}") from None
+    # Before any encoding: PixArt's caption projection takes the text encoder it was trained with (T5).
+    encoder = resolve_weight_path(settings.weights.text_encoder, "weights.text_encoder") / "config.json"
+    if encoder.is_file() and pixart.get("caption_channels") is not None:
+        text = json.loads(encoder.read_text())
+        width = text.get("d_model", text.get("hidden_size"))
+        if width is not None and width != pixart["caption_channels"]:
+            raise ValueError(
+                f"{INIT_SETTING}={spec!r} takes {pixart['caption_channels']}-wide text states (its T5), but "
+                f"weights.text_encoder={settings.weights.text_encoder!r} gives {width}: point it at that T5 folder"
+            )
+    return folder, None
 
 
 @dataclass
@@ -255,6 +317,7 @@ def train_dit(
         raise ValueError(f"DiT stage must be 1, 2 or 3, got {stage}")
     cfg = {1: settings.dit.stage1, 2: settings.dit.stage2, 3: settings.dit.stage3}[stage]
     name = f"dit_stage{stage}"
+    pixart_dir, init_skipped = pixart_init_source(settings, stage, init_dir, ckpt_dir)  # fails fast on a bad path
     torch.manual_seed(cfg.seed)
     vae = SliceVAE.from_pretrained(vae_dir).eval().requires_grad_(False)
     SliceVAE.check_num_frames(cfg.num_frames)
@@ -287,10 +350,16 @@ def train_dit(
     if cfg.image_ratio < 1 and len(videos) == 0:
         raise ValueError(f"{name}: no clip is long enough for {cfg.num_frames} frames at {cfg.sample_fps} fps")
 
+    init_report = None
     if init_dir is None:
         if stage != 1:
             raise ValueError(f"{name} starts from the previous stage: pass init_dir")
         model = build_transformer(settings, vae.config.latent_channels, text.embed_dim)
+        if pixart_dir is not None:
+            try:
+                init_report = init_from_pixart(model, pixart_dir)
+            except PixArtInitError as exc:
+                raise ValueError(f"{INIT_SETTING}={settings.dit.stage1.init_from!r}: {exc}") from None
     else:
         model = EasyAnimateTransformer3DModel.from_pretrained(init_dir)
     if stage == 2:
@@ -326,7 +395,9 @@ def train_dit(
     )
     with atomic_directory(out_dir) as tmp:
         accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-    return result
+    return DiTTrainResult(
+        **{f.name: getattr(result, f.name) for f in fields(TrainResult)}, init=init_report, init_skipped=init_skipped
+    )
 
 
 @torch.no_grad()
@@ -387,14 +458,25 @@ def run_stage(settings: Settings, ctx: StageContext, stage: int) -> StageResult:
         show_progress=ctx.show_progress,
     )
     metrics = result.metrics(name)
+    info: dict = {"parent": str(init) if init else None}
+    artifacts: list[Path] = []
+    if (init_summary := result.init_summary()) is not None:
+        info["init_from"] = init_summary
+    if result.init is not None:
+        metrics[f"{name}/init_loaded_keys"] = float(len(result.init.loaded))
+        metrics[f"{name}/init_new_keys"] = float(len(result.init.new))
+        key_map = Path(ctx.report_dir) / "init_key_map.json"
+        key_map.parent.mkdir(parents=True, exist_ok=True)
+        key_map.write_text(result.init.to_json())
+        artifacts.append(key_map)
     write_reports(ctx.report_dir, metrics, result.losses)
     samples = render_samples(settings, settings.paths.vae_stage2, out, ctx.report_dir / "samples")
     return StageResult(
         name,
         metrics,
         {name: out},
-        [ctx.report_dir / "loss.csv", *samples],
-        info={"parent": str(init) if init else None},
+        [ctx.report_dir / "loss.csv", *artifacts, *samples],
+        info=info,
         tags={"parent_checkpoint": str(init)} if init else {},
     )
 

@@ -29,20 +29,34 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([out.sin(), out.cos()], dim=1)
 
 
+POS_EMBED_ORDERS = ("hw", "wh")
+
+
 def sincos_2d(
-    dim: int, grid_h: int, grid_w: int, base_size: float, interpolation_scale: float = 1.0, device=None
+    dim: int,
+    grid_h: int,
+    grid_w: int,
+    base_size: float,
+    interpolation_scale: float = 1.0,
+    device=None,
+    order: str = "hw",
 ) -> torch.Tensor:
     """PixArt 2D sin-cos table of shape (grid_h*grid_w, dim), row-major (h outer).
 
     Coordinates are rescaled by ``grid / base_size`` so any resolution covers the same range the
-    model was trained on (PixArt's resolution interpolation).
+    model was trained on (PixArt's resolution interpolation). ``order`` says which coordinate the first
+    half of the channels encodes: ``"hw"`` the row (this project's original layout), ``"wh"`` the column,
+    as PixArt and diffusers' ``get_2d_sincos_pos_embed`` do (needed to reuse PixArt weights).
     """
     if dim % 4 != 0:
         raise ValueError(f"hidden_size must be divisible by 4 for 2D sin-cos embeddings, got {dim}")
+    if order not in POS_EMBED_ORDERS:
+        raise ValueError(f"pos_embed_order must be one of {POS_EMBED_ORDERS}, got {order!r}")
     ys = torch.arange(grid_h, dtype=torch.float64, device=device) / (grid_h / base_size) / interpolation_scale
     xs = torch.arange(grid_w, dtype=torch.float64, device=device) / (grid_w / base_size) / interpolation_scale
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.cat([_sincos_1d(dim // 2, yy), _sincos_1d(dim // 2, xx)], dim=1).float()
+    first, second = (yy, xx) if order == "hw" else (xx, yy)
+    return torch.cat([_sincos_1d(dim // 2, first), _sincos_1d(dim // 2, second)], dim=1).float()
 
 
 # ------------------------------------------------------------------------------ attention
@@ -178,16 +192,32 @@ class EasyAnimateTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         grid_reshape: int = 1,
         long_skips: bool = True,
         base_latent_size: int = 8,
+        interpolation_scale: float = 1.0,
+        pos_embed_order: str = "hw",
+        use_additional_conditions: bool = False,
+        vae_scale_factor: int = 8,
     ):
+        """``interpolation_scale``, ``pos_embed_order`` and ``use_additional_conditions`` exist to reproduce a
+        PixArt-alpha/Sigma transformer exactly (``easyanimate.models.dit.pixart``); their defaults keep this
+        model's original behaviour. ``use_additional_conditions`` adds PixArt-alpha-1024's resolution and
+        aspect-ratio embeddings to the timestep embedding; the pixel size they see is the latent size times
+        ``vae_scale_factor`` unless ``added_cond_kwargs`` is passed to ``forward``."""
         super().__init__()
         if grid_reshape < 1:
             raise ValueError(f"grid_reshape must be >= 1, got {grid_reshape}")
+        if pos_embed_order not in POS_EMBED_ORDERS:
+            raise ValueError(f"pos_embed_order must be one of {POS_EMBED_ORDERS}, got {pos_embed_order!r}")
+        if use_additional_conditions and hidden_size % 3:
+            raise ValueError(f"use_additional_conditions needs hidden_size divisible by 3, got {hidden_size}")
         d = hidden_size
         self.gradient_checkpointing = False
         self.patch_embed = nn.Conv2d(in_channels, d, kernel_size=patch_size, stride=patch_size)
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(256, d)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # adaLN-single: shared by all blocks
+        if use_additional_conditions:  # PixArt-alpha's micro-conditions: (height, width) and height/width
+            self.resolution_embed = TimestepEmbedding(256, d // 3)
+            self.aspect_ratio_embed = TimestepEmbedding(256, d // 3)
         self.caption_projection = nn.Sequential(
             nn.Linear(text_embed_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
         )
@@ -209,6 +239,22 @@ class EasyAnimateTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.proj_out.weight)  # PixArt: start as a zero predictor
         nn.init.zeros_(self.proj_out.bias)
 
+    def _size_embedding(
+        self, added_cond_kwargs: dict | None, b: int, h: int, w: int, dtype: torch.dtype, device
+    ) -> torch.Tensor:
+        """PixArt-alpha's resolution + aspect-ratio embedding (B, D), added to the timestep embedding."""
+        cond = added_cond_kwargs or {}
+        f = self.config.vae_scale_factor
+        resolution = cond.get("resolution")
+        if resolution is None:  # what PixArtAlphaPipeline passes: the pixel (height, width) of the request
+            resolution = torch.tensor([[float(h * f), float(w * f)]], device=device).expand(b, 2)
+        aspect_ratio = cond.get("aspect_ratio")
+        if aspect_ratio is None:
+            aspect_ratio = torch.tensor([[h / w]], device=device).expand(b, 1)
+        res = self.resolution_embed(self.time_proj(resolution.to(device).flatten()).to(dtype)).reshape(b, -1)
+        ar = self.aspect_ratio_embed(self.time_proj(aspect_ratio.to(device).flatten()).to(dtype)).reshape(b, -1)
+        return torch.cat([res, ar], dim=1)
+
     def motion_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the motion modules only (training stage 2 trains just these)."""
         for block in self.blocks:
@@ -222,6 +268,7 @@ class EasyAnimateTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ):
         cfg = self.config
         p = cfg.patch_size
@@ -240,7 +287,15 @@ class EasyAnimateTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # Patchify each frame: (B, C, T, h, w) -> (B, T, N, D).
         x = hidden_states.to(dtype).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        pos = sincos_2d(cfg.hidden_size, gh, gw, base_size=cfg.base_latent_size / p, device=x.device)
+        pos = sincos_2d(
+            cfg.hidden_size,
+            gh,
+            gw,
+            base_size=cfg.base_latent_size / p,
+            interpolation_scale=cfg.interpolation_scale,
+            device=x.device,
+            order=cfg.pos_embed_order,
+        )
         x = (x + pos.to(dtype)[None]).view(b, t, gh * gw, cfg.hidden_size)
 
         # Timestep -> shared modulation.
@@ -249,6 +304,8 @@ class EasyAnimateTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             timestep = timestep[None]
         timestep = timestep.expand(b)
         temb = self.time_embed(self.time_proj(timestep).to(dtype))  # (B, D)
+        if cfg.use_additional_conditions:
+            temb = temb + self._size_embedding(added_cond_kwargs, b, h, w, dtype, x.device)
         t6 = self.t_block(temb).view(b, 6, cfg.hidden_size)
 
         text = self.caption_projection(encoder_hidden_states.to(dtype))
