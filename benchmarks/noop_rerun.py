@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,40 +24,16 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-FAST = {
-    "vae": {"stage1": {"steps": 6, "checkpoint_every": 3}, "stage2": {"steps": 3}},
-    "dit": {"stage1": {"steps": 8}, "stage2": {"steps": 4}, "stage3": {"steps": 4}},
-    "lora": {"train": {"steps": 3}},
-    "generate": {"num_inference_steps": 4},
-    "evaluate": {"min_vae_psnr": 0.0, "max_val_loss": 10.0, "max_flicker": 1.0, "min_caption_retrieval": 0.0},
-}
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
+sys.path.insert(0, str(REPO))
+# The end-to-end test's project copy and step cuts (needs the test extra: pip install -e '.[test]').
+from tests.test_e2e import BIN, FAST, _merge, make_project  # noqa: E402
 
 
 def workspace(root: Path, fast: bool) -> Path:
-    project = root / "project"
-    for name in ("easyanimate", "flows"):
-        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    shutil.copytree(REPO / "data" / "samples", project / "data" / "samples")
-    shutil.copy(REPO / ".gitignore", project / ".gitignore")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump(merge(params, FAST) if fast else params))
-    subprocess.run([str(BIN / "easyanimate"), "dvc-yaml"], cwd=project, check=True, capture_output=True)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "benchmark"],
-    ):
-        subprocess.run(cmd, cwd=project, check=True)
-    return project
+    return make_project(
+        root / "project", _merge(params, FAST) if fast else params, ["bigbuckbunny.mp4", "trailer_bbb.mp4"]
+    )
 
 
 def timed(args: list[str], project: Path) -> tuple[float, str]:
