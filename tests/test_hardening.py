@@ -255,6 +255,7 @@ def test_runs_of_a_killed_process_are_marked_killed(tmp_path, monkeypatch):
     proc.kill()
     proc.wait()
     previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # an earlier test may have set the global URI, which beats the variable
     try:
         settings = load_settings(REPO / "params.yaml")
         client = MlflowClient(uri)

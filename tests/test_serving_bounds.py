@@ -29,12 +29,13 @@ pytestmark = pytest.mark.slow
 SERVER_START_S = 180  # cold imports of torch/transformers/mlflow on a busy 2-core machine
 TIMEOUT_S = 8.0  # serve.request_timeout_s: small requests take well under a second here
 GRACE_S = 2.0  # serve.shutdown_grace_s
-BUDGET = 20_000_000  # generate.max_request_budget
+BUDGET = 5_000_000_000  # generate.max_request_budget
 MAX_RECORDS = 3
 SMALL = {"prompt": "a cat", "num_frames": 8, "height": 16, "width": 16, "steps": 2, "seed": 1}
-# ~10 ms a step here: minutes of work, within the budget (8 x 16 x 16 x 5000 = 10,240,000); only a stop ends it.
-LONG = {**SMALL, "steps": 5000}
-OVER_BUDGET = {**SMALL, "height": 64, "width": 64, "steps": 1000}  # 32,768,000
+# About a minute of work even on an idle machine (~55 ms a step), within the budget (64 x 256 x 256 x 1000 =
+# 4,194,304,000): only a stop ends it. Steps stay within the scheduler's 1000 training timesteps.
+LONG = {**SMALL, "num_frames": 64, "height": 256, "width": 256, "steps": 1000}
+OVER_BUDGET = {**SMALL, "num_frames": 64, "height": 512, "width": 512, "steps": 1000}  # 16,777,216,000
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -212,9 +213,9 @@ def test_over_budget_request_gets_400_naming_the_setting(server):
     assert status == 400, body
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "generate.max_request_budget" in body["message"] and f"{BUDGET:,}" in body["message"]
-    assert "32,768,000" in body["message"]
+    assert "16,777,216,000" in body["message"]
     # The budget sums over a request's records: records each within it, together over it.
-    part = {**SMALL, "steps": 3500}  # 8 x 16 x 16 x 3500 = 7,168,000; three of them 21,504,000
+    part = {**LONG, "steps": 450}  # 1,887,436,800; three of them 5,662,310,400
     status, body = server.post([part] * MAX_RECORDS)
     assert status == 400 and "generate.max_request_budget" in body["message"], body
     _served_promptly(server)
