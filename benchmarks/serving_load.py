@@ -36,6 +36,9 @@ from pathlib import Path
 
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.conftest builds the tiny model (needs the test extra)
+
 SMALL = {"prompt": "a cat playing piano", "num_frames": 8, "height": 32, "width": 32, "steps": 4, "seed": 1}
 # Minutes of work within BUDGET; steps stay within the scheduler's 1000 training timesteps.
 LONG = {**SMALL, "num_frames": 64, "height": 256, "width": 256, "steps": 1000}  # ~55 ms a step: about a minute
@@ -44,27 +47,14 @@ BUDGET = 5_000_000_000
 
 
 def build_model(root: Path) -> Path:
-    """The tests' tiny pipeline, saved as the pyfunc model."""
+    """The tests' tiny pipeline (``tests/conftest.py``), saved as the pyfunc model."""
     import mlflow
-    import torch
 
-    from easyanimate.config import GenerateConfig, load_settings, resolve_weight_path
-    from easyanimate.models.dit import EasyAnimateTransformer3DModel
-    from easyanimate.models.text_encoder import load_text_encoder
-    from easyanimate.models.vae import SliceVAE
-    from easyanimate.pipelines import EasyAnimatePipeline, make_scheduler
+    from easyanimate.config import GenerateConfig
     from easyanimate.serving.pyfunc import EasyAnimatePyfunc
+    from tests.conftest import tiny_pipeline
 
-    torch.manual_seed(0)
-    tokenizer, encoder = load_text_encoder(resolve_weight_path(load_settings().weights.text_encoder, "w"))
-    dit = EasyAnimateTransformer3DModel(hidden_size=32, depth=2, num_heads=2, text_embed_dim=384)
-    EasyAnimatePipeline(
-        vae=SliceVAE(block_out_channels=(8, 8, 8, 8), norm_groups=4),
-        transformer=dit,
-        text_encoder=encoder,
-        tokenizer=tokenizer,
-        scheduler=make_scheduler("dpm++", {"num_train_timesteps": 1000}),
-    ).save_pretrained(root / "pipeline")
+    tiny_pipeline(root / "pipeline", root / "lora")
     mlflow.pyfunc.save_model(
         str(root / "model"),
         python_model=EasyAnimatePyfunc(generate=GenerateConfig(height=32, width=32, num_inference_steps=4)),

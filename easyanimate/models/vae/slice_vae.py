@@ -42,9 +42,11 @@ from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput, D
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import nn
 
+from easyanimate.config import VAE_TEMPORAL_COMPRESSION, frame_count_problem
+
 __all__ = ["SliceVAE", "CausalConv3d", "TEMPORAL_COMPRESSION"]
 
-TEMPORAL_COMPRESSION = 4
+TEMPORAL_COMPRESSION = VAE_TEMPORAL_COMPRESSION  # the one frame rule lives in config.frame_count_problem
 
 
 class CausalConv3d(nn.Conv3d):
@@ -519,7 +521,7 @@ class SliceVAE(ModelMixin, ConfigMixin, AutoencoderMixin):
     @staticmethod
     def check_num_frames(num_frames: int) -> None:
         t = int(num_frames)
-        if not (t == 1 or (t % TEMPORAL_COMPRESSION == 0 and t >= 2 * TEMPORAL_COMPRESSION)):
+        if frame_count_problem(t):
             raise ValueError(
                 f"SliceVAE needs num_frames == 1 (image) or a multiple of {TEMPORAL_COMPRESSION} that is >= "
                 f"{2 * TEMPORAL_COMPRESSION} (video); got {t}"
