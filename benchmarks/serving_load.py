@@ -21,7 +21,6 @@ held the model), the server's counters, its peak RSS, and how long SIGTERM took 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import math
 import os
@@ -37,7 +36,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.conftest builds the tiny model (needs the test extra)
+sys.path.insert(0, str(REPO))  # the tests' tiny model and HTTP client (needs the test extra)
+from tests.test_serving_bounds import ServingClient as Client  # noqa: E402
 
 SMALL = {"prompt": "a cat playing piano", "num_frames": 8, "height": 32, "width": 32, "steps": 4, "seed": 1}
 # Minutes of work within BUDGET; steps stay within the scheduler's 1000 training timesteps.
@@ -78,36 +78,6 @@ def summary(values: list[float]) -> str:
         f"n={len(values):4d}  p50 {percentile(values, 50) * 1000:8.1f} ms  p95 {percentile(values, 95) * 1000:8.1f} ms"
         f"  max {max(values) * 1000:8.1f} ms"
     )
-
-
-class Client:
-    def __init__(self, port: int):
-        self.port = port
-
-    def connection(self, timeout: float = 300) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
-    def send(self, records: list[dict], timeout: float = 300) -> http.client.HTTPConnection:
-        conn = self.connection(timeout)
-        body = json.dumps({"dataframe_records": records})
-        conn.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
-        return conn
-
-    @staticmethod
-    def answer(conn: http.client.HTTPConnection) -> tuple[int, dict]:
-        try:
-            response = conn.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            conn.close()
-
-    def health(self) -> dict:
-        conn = self.connection(timeout=30)
-        try:
-            conn.request("GET", "/health")
-            return json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
 
 
 def rss_mb(pid: int) -> float:
@@ -194,7 +164,7 @@ def main() -> None:
             try:
                 client.health()
                 latency = time.monotonic() - t0
-            except OSError:
+            except (OSError, AssertionError):  # no answer, or not 200
                 latency = float("inf")  # unanswered: shows as the max
             with lock:
                 health.append((t0, latency))

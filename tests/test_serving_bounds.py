@@ -89,43 +89,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    def __init__(self, root: Path, name: str):
-        self.port = _free_port()
-        self.log_path = root / f"{name}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "easyanimate.serving.cli",
-                str(root / "model"),
-                "--port",
-                str(self.port),
-                "--params",
-                str(root / "params.yaml"),
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, OMP_NUM_THREADS="1"),
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
-            try:
-                self.health()
-                break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up in {SERVER_START_S} s:\n{self.log()[-4000:]}")
-            time.sleep(0.5)
+class ServingClient:
+    """HTTP client of ``easyanimate serve`` on loopback (also used by ``benchmarks/serving_load.py``)."""
 
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
+    def __init__(self, port: int):
+        self.port = port
 
     def connection(self, timeout: float = 120) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -161,6 +129,45 @@ class Server:
 
     def post(self, records: list[dict], timeout: float = 120) -> tuple[int, dict]:
         return self.answer(self.send(records, timeout))
+
+
+class Server(ServingClient):
+    def __init__(self, root: Path, name: str):
+        super().__init__(_free_port())
+        self.log_path = root / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "easyanimate.serving.cli",
+                str(root / "model"),
+                "--port",
+                str(self.port),
+                "--params",
+                str(root / "params.yaml"),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
+            try:
+                self.health()
+                break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not up in {SERVER_START_S} s:\n{self.log()[-4000:]}")
+            time.sleep(0.5)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
 
     def wait_for(self, check, what: str, bound_s: float = 60) -> dict:
         """Poll /health until ``check(state)``; fail naming ``what`` after ``bound_s``."""
