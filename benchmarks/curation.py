@@ -22,6 +22,7 @@ Prints, measured in this one process run:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,43 +134,11 @@ def filter_seconds(frames, settings) -> None:
 
 
 def tiny_blip(folder: Path) -> Path:
-    import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    """The tests' tiny random BLIP (``tests/test_curation_weights.py``; needs the test extra)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.test_curation_weights import build_tiny_blip
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "rabbit", "in", "the", "meadow"]
-    (folder / "vocab.txt").write_text("\n".join(words))
-    tok = BertTokenizer(str(folder / "vocab.txt"))
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    torch.manual_seed(0)
-    cfg = BlipConfig(
-        text_config=dict(
-            vocab_size=len(words),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            bos_token_id=5,
-            pad_token_id=0,
-            sep_token_id=3,
-            eos_token_id=3,
-            max_position_embeddings=64,
-            encoder_hidden_size=32,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=32,
-    )
-    BlipForConditionalGeneration(cfg).save_pretrained(folder)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(
-        folder
-    )
-    return folder
+    return build_tiny_blip(folder)
 
 
 def main() -> None:
