@@ -68,6 +68,10 @@ class PathsConfig(_Section):
     dit_stage3: Path = Path("models/dit/stage3")
     lora: Path = Path("models/lora")
     pipeline: Path = Path("models/pipeline")
+    # model.family easyanimate-v5.1: the MagViT latent cache, the fine-tune's output, the assembled pipeline.
+    v51_latents: Path = Path("data/v51_latents")
+    v51_finetune: Path = Path("models/v51/finetune")
+    v51_pipeline: Path = Path("models/v51/pipeline")
     reports: Path = Path("reports")
     # Resumable training state; deliberately outside DVC outs, which DVC deletes before a rerun.
     checkpoints: Path = Path(".easyanimate/checkpoints")
@@ -598,6 +602,19 @@ class ServeConfig(_Section):
     poll_s: float = Field(0.1, gt=0, le=5, description="how often a waiting request checks its client and deadline")
 
 
+FAMILIES = ("native", "easyanimate-v5.1")
+
+
+class ModelConfig(_Section):
+    """Which model family the DAG trains (``easyanimate.stages.stages_for``)."""
+
+    family: Literal["native", "easyanimate-v5.1"] = Field(
+        "native",
+        description="native: this project's Slice VAE + video DiT, trained here; easyanimate-v5.1: fine-tune the "
+        "released EasyAnimate V5.1 checkpoint in v51.model_dir",
+    )
+
+
 class V51Config(_Section):
     """EasyAnimate V5.1 (easyanimate/families/v51.py): one local folder in the layout of the V5.1 ``-diffusers``
     releases (vae/, transformer/, text_encoder/ + tokenizer/ (Qwen2-VL), scheduler/), loaded with diffusers'
@@ -631,6 +648,21 @@ class V51Config(_Section):
     train_height: int = Field(512, ge=16)
     train_width: int = Field(512, ge=16)
     train_num_frames: int = Field(49, ge=1, description="1 + 4k frames per video sample (images are 1 frame)")
+    bucket_aspect_ratios: tuple[str, ...] = Field(
+        ("1:1",), description="latent cache: each clip covers the nearest of these at train_height x train_width pixels"
+    )
+    sample_fps: float = Field(8.0, gt=0, description="latent cache: frames per second decoded from each clip")
+    data_dir: Path | None = Field(
+        None, description="style images and/or videos with <name>.txt captions; None: the curated clips"
+    )
+    finetune: Literal["lora", "full"] = Field(
+        "lora", description="v51_finetune stage: a peft LoRA on the transformer, or every transformer weight"
+    )
+    full_learning_rate: float = Field(1e-5, gt=0, description="learning rate of finetune: full")
+    eval_sigmas: tuple[float, ...] = Field(
+        (0.25, 0.5, 0.75), description="flow-matching noise levels the validation loss is averaged over"
+    )
+    eval_num_samples: int = Field(1, ge=0, description="videos v51_evaluate generates (generate.prompts, in order)")
     weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
@@ -657,6 +689,10 @@ class V51Config(_Section):
         for key in ("num_frames", "train_num_frames"):
             if (getattr(self, key) - 1) % VAE_TEMPORAL_COMPRESSION:
                 raise ValueError(f"{key}={getattr(self, key)}: the MagViT VAE takes 1 + 4k frames (1, 5, 9, ..., 49)")
+        if not self.eval_sigmas or not all(0 < s < 1 for s in self.eval_sigmas):
+            raise ValueError(f"eval_sigmas={self.eval_sigmas}: give noise levels strictly between 0 and 1")
+        for spec in self.bucket_aspect_ratios:
+            parse_aspect_ratio(spec)
         return self
 
 
@@ -674,6 +710,7 @@ class Settings(_Section):
     retrain: RetrainConfig = RetrainConfig()
     studio: StudioConfig = StudioConfig()
     serve: ServeConfig = ServeConfig()
+    model: ModelConfig = ModelConfig()
     v51: V51Config = V51Config()
 
     @model_validator(mode="after")

@@ -37,7 +37,17 @@ from easyanimate.lineage import (
 )
 from easyanimate.promotion import Candidate, Decision, decide
 from easyanimate.stage_api import StageContext, StageResult, read_json, write_reports
-from easyanimate.stages import STAGE_NAMES, TRAINED_STAGES, get_stage, report_dir, stage_inputs_hash, stage_version
+from easyanimate.stages import (
+    NATIVE,
+    V51,
+    family_role,
+    get_stage,
+    report_dir,
+    stage_inputs_hash,
+    stage_names_for,
+    stage_version,
+    stages_for,
+)
 from easyanimate.tracking import log_files, log_metrics, setup_mlflow, stage_run, tracking_uri, workspace_tags
 from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_text, verify_safetensors
 
@@ -184,7 +194,38 @@ REGISTERED_TAG = "easyanimate.registered"  # set last: the version's tags are co
 
 
 def register_key(settings: Settings) -> str:
-    return stage_inputs_hash("register", settings)
+    return stage_inputs_hash(register_stage(settings), settings)
+
+
+# ------------------------------------------------------------------------------------------ families
+def register_stage(settings: Settings) -> str:
+    return family_role(settings.model.family, "register")
+
+
+def evaluation_dir(settings: Settings) -> Path:
+    """The report folder of the evaluation the register stage reads (gate, metrics, context)."""
+    return report_dir(settings, family_role(settings.model.family, "evaluate"))
+
+
+def registered_pipeline_dir(settings: Settings) -> Path:
+    return settings.paths.pipeline if settings.model.family == NATIVE else settings.paths.v51_pipeline
+
+
+def registered_adapter_dir(settings: Settings) -> Path | None:
+    """The LoRA adapter registered beside the pipeline, if one was trained (V5.1: only ``v51.finetune: lora``)."""
+    from easyanimate.pipelines.pipeline_easyanimate import LORA_WEIGHT_NAME
+
+    adapter = settings.paths.lora if settings.model.family == NATIVE else settings.paths.v51_finetune
+    return adapter if (adapter / LORA_WEIGHT_NAME).is_file() else None
+
+
+def pyfunc_model(settings: Settings, **kwargs):
+    """The pyfunc wrapper a version is logged with: the request defaults and limits of this run, and the family."""
+    from easyanimate.serving.pyfunc import EasyAnimatePyfunc
+
+    if settings.model.family == V51:
+        kwargs.update(family=V51, v51=settings.v51)
+    return EasyAnimatePyfunc(generate=settings.generate, max_text_tokens=settings.dit.model.max_text_tokens, **kwargs)
 
 
 def finished_version(client: MlflowClient, name: str, key: str) -> ModelVersion | None:
@@ -210,10 +251,11 @@ def finished_version(client: MlflowClient, name: str, key: str) -> ModelVersion 
 def _register_run(settings: Settings, parent_run_id: str | None) -> Iterator[mlflow.ActiveRun]:
     """The register stage's run: the active one when the stage runner opened it, else a new one."""
     active = mlflow.active_run()
-    if active is not None and active.data.tags.get("stage") == "register":
+    stage = register_stage(settings)
+    if active is not None and active.data.tags.get("stage") == stage:
         yield active
         return
-    with stage_run(settings, "register", parent_run_id) as run:
+    with stage_run(settings, stage, parent_run_id) as run:
         yield run
 
 
@@ -242,7 +284,11 @@ def _sibling_run(run_name: str, parent_run_id: str | None, tags: dict[str, str])
 def lineage_tags(settings: Settings, client: MlflowClient, run, upstream_run_id: str | None) -> dict[str, str]:
     """What the version came from: data, code, params, parent checkpoints and the runs that made them."""
     parent_run_id = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
-    upstream = STAGE_NAMES[: STAGE_NAMES.index("register")]
+    family = settings.model.family
+    names = stage_names_for(family)
+    upstream = names[: names.index(register_stage(settings))]
+    trained = tuple(s.name for s in stages_for(family) if s.trains)
+    evaluate = family_role(family, "evaluate")
     runs = resolve_stage_runs(
         client,
         run.info.experiment_id,
@@ -252,22 +298,49 @@ def lineage_tags(settings: Settings, client: MlflowClient, run, upstream_run_id:
     )
     # A stage run's parent_checkpoint tag is its actual init folder; otherwise its model inputs are its parents.
     parents = {}
-    for stage in TRAINED_STAGES:
+    for stage in trained:
         tagged = client.get_run(runs[stage][0]).data.tags.get("parent_checkpoint") if stage in runs else None
-        model_deps = [d for d in get_stage(stage).deps if d in TRAINED_STAGES]
-        parents[stage] = tagged or ",".join(str(getattr(settings.paths, d)) for d in model_deps)
+        model_deps = [d for d in get_stage(stage).deps if d in trained]
+        if family == V51 and not model_deps:  # a V5.1 fine-tune starts from the released checkpoint
+            model_deps_paths = [str(settings.v51.model_dir)]
+        else:
+            model_deps_paths = [str(getattr(settings.paths, d)) for d in model_deps]
+        parents[stage] = tagged or ",".join(model_deps_paths)
+    adapter = registered_adapter_dir(settings)
+    family_tags = {"model.family": family}
+    if family == V51:
+        family_tags.update(v51_release_tags(settings.v51.model_dir))
     return {
+        **family_tags,
         "git_commit": git_commit(),
         "curated_data_dvc_hash": dvc_hash(settings.paths.curated),
         "params_hash": params_hash(settings),
-        "pipeline_dvc_hash": dvc_hash(settings.paths.pipeline),
-        "lora_dvc_hash": dvc_hash(settings.paths.lora) if settings.paths.lora.exists() else "none",
-        "evaluate_run_id": upstream_run_id or (runs["evaluate"][0] if "evaluate" in runs else ""),
+        "pipeline_dvc_hash": dvc_hash(registered_pipeline_dir(settings)),
+        "lora_dvc_hash": dvc_hash(adapter) if adapter is not None else "none",
+        "evaluate_run_id": upstream_run_id or (runs[evaluate][0] if evaluate in runs else ""),
         "pipeline_run_id": parent_run_id or "",
         "register_run_id": run.info.run_id,
-        **checkpoint_tags({s: getattr(settings.paths, s) for s in TRAINED_STAGES}, parents),
+        **checkpoint_tags({s: getattr(settings.paths, s) for s in trained}, parents),
         **{RUN_TAG.format(stage=s): run_id for s, (run_id, _) in runs.items()},
         "lineage.runs_found_by": json.dumps({s: how for s, (_, how) in runs.items()}, sort_keys=True)[:TAG_VALUE_LIMIT],
+    }
+
+
+def v51_release_tags(model_dir) -> dict[str, str]:
+    """Which release a V5.1 version was fine-tuned from: its folder and a hash of its component configs."""
+    import hashlib
+
+    from easyanimate.families.v51 import SUBFOLDERS, is_inpaint_checkpoint
+
+    folder = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in ["model_index.json", *(f"{sub}/{config}" for sub, config in SUBFOLDERS.items())]:
+        digest.update(name.encode())
+        digest.update((folder / name).read_bytes())
+    return {
+        "v51.base_model_dir": str(folder.resolve()),
+        "v51.base_config_hash": digest.hexdigest()[:16],
+        "v51.inpaint": str(is_inpaint_checkpoint(folder)),
     }
 
 
@@ -281,9 +354,7 @@ def register_pipeline(
     """Log ``paths.pipeline`` (and the LoRA, if any) as a pyfunc model version inside the register stage's
     run (the active one, or a new one nested in ``parent_run_id``): evaluation metrics on that run, gates,
     hashes and lineage as version tags. ``upstream_run_id`` is the evaluate run."""
-    from easyanimate.serving.pyfunc import EasyAnimatePyfunc
-
-    evaluation = report_dir(settings, "evaluate")
+    evaluation = evaluation_dir(settings)
     gate = read_json(evaluation / "gate.json")
     metrics = read_json(evaluation / "metrics.json")
     context = read_json(evaluation / "eval_context.json") or {}
@@ -311,15 +382,14 @@ def register_pipeline(
         for extra in ("report.md", "val_loss.csv", "eval_context.json"):
             if (evaluation / extra).exists():
                 mlflow.log_artifact(str(evaluation / extra), artifact_path="evaluation")
-        artifacts = {"pipeline": str(settings.paths.pipeline)}
-        if settings.paths.lora.exists():
-            artifacts["lora"] = str(settings.paths.lora)
+        artifacts = {"pipeline": str(registered_pipeline_dir(settings))}
+        adapter = registered_adapter_dir(settings)
+        if adapter is not None:
+            artifacts["lora"] = str(adapter)
         info = mlflow.pyfunc.log_model(
             name="pipeline",
             # The served model carries this run's request defaults and limits (generate.*), not class defaults.
-            python_model=EasyAnimatePyfunc(
-                generate=settings.generate, max_text_tokens=settings.dit.model.max_text_tokens
-            ),
+            python_model=pyfunc_model(settings),
             artifacts=artifacts,
             registered_model_name=name,
             pip_requirements=["easyanimate"],
@@ -376,12 +446,11 @@ def register_lora_adapter(
     ``models:/<lora model>@champion`` always pairs with ``models:/<base>@champion``. Returns None when no
     adapter was trained.
     """
-    from easyanimate.pipelines.pipeline_easyanimate import LORA_WEIGHT_NAME, read_lora_config
-    from easyanimate.serving.pyfunc import EasyAnimatePyfunc
+    from easyanimate.pipelines.pipeline_easyanimate import read_lora_config
 
-    adapter = settings.paths.lora
-    if not (adapter / LORA_WEIGHT_NAME).is_file():
-        print(f"no LoRA adapter at {adapter}; nothing to register")
+    adapter = registered_adapter_dir(settings)
+    if adapter is None:
+        print("no LoRA adapter was trained; nothing to register")
         return None
     client = MlflowClient()
     name = settings.lora.registered_model
@@ -394,12 +463,7 @@ def register_lora_adapter(
         print(f"models:/{name}/{version} was registered for {base_uri} already; reusing it")
         return _lora_alias(client, settings, name, version, base_model_name, base_version, adapter_bytes)
     with _sibling_run("register_lora", parent_run_id, {"lora_base_model": base_uri}):
-        model = EasyAnimatePyfunc(
-            generate=settings.generate,
-            max_text_tokens=settings.dit.model.max_text_tokens,
-            base_model_uri=base_uri,
-            lora_scale=settings.lora.default_scale,
-        )
+        model = pyfunc_model(settings, base_model_uri=base_uri, lora_scale=settings.lora.default_scale)
         info = mlflow.pyfunc.log_model(
             name="lora",
             python_model=model,
@@ -424,6 +488,7 @@ def register_lora_adapter(
             "lora_default_scale": str(settings.lora.default_scale),
             "adapter_bytes": str(adapter_bytes),
             "lora_dvc_hash": dvc_hash(adapter),
+            "model.family": settings.model.family,
             REGISTER_KEY_TAG: key,
             REGISTERED_TAG: "true",
         },
@@ -490,15 +555,40 @@ def candidate_from_version(client: MlflowClient, name: str, version: str) -> Can
 
 def current_yardstick(settings: Settings) -> tuple[str, str]:
     """(DVC hash of the curated data, evaluation protocol hash) that every comparison uses now."""
-    from easyanimate.evaluation.evaluate import evaluation_protocol_hash
-
     manifest = settings.paths.curated / "manifest.parquet"
     if not manifest.exists():
         raise FileNotFoundError(
             f"{manifest} is missing: run `dvc pull` (or the curate stage) so challenger and "
             f"champion are scored on the same held-out set (paths.curated)"
         )
-    return dvc_hash(settings.paths.curated), evaluation_protocol_hash(settings)
+    return dvc_hash(settings.paths.curated), family_protocol_hash(settings)
+
+
+def family_protocol_hash(settings: Settings) -> str:
+    """The evaluation protocol of ``settings.model.family`` (each family's evaluation has its own settings)."""
+    if settings.model.family == V51:
+        from easyanimate.families.v51_evaluate import protocol_hash
+
+        return protocol_hash(settings)
+    from easyanimate.evaluation.evaluate import evaluation_protocol_hash
+
+    return evaluation_protocol_hash(settings)
+
+
+def _reevaluate(settings: Settings, client: MlflowClient, name: str, version: str, workdir: Path):
+    """Score a registered version with this family's evaluation on the current held-out set."""
+    uri = f"{REGISTRY_SCHEME}{name}/{version}"
+    pipeline_dir = pipeline_folder(uri, dst=workdir / f"v{version}")
+    out = workdir / f"eval_v{version}"
+    if settings.model.family == V51:
+        from easyanimate.families.v51 import LORA_WEIGHTS_NAME
+        from easyanimate.families.v51_evaluate import evaluate_v51
+
+        adapters = sorted(pipeline_dir.parent.rglob(LORA_WEIGHTS_NAME))
+        return evaluate_v51(settings, out, pipeline_dir, adapters[0].parent if adapters else None)
+    from easyanimate.evaluation.evaluate import evaluate_pipeline
+
+    return evaluate_pipeline(settings, pipeline_dir, settings.paths.curated, out)
 
 
 def on_yardstick(
@@ -512,24 +602,24 @@ def on_yardstick(
 ) -> tuple[Candidate, str]:
     """The candidate's metrics on the current held-out set: stored, cached from an earlier re-evaluation,
     or re-evaluated now from its registered pipeline."""
-    from easyanimate.evaluation.evaluate import evaluate_pipeline
-
     data, protocol = yardstick
     if (candidate.data_hash, candidate.protocol_hash) == yardstick:
         return candidate, "stored metrics of its evaluation run"
     name = settings.registry.model_name
     cache_key = REEVAL_TAG.format(data=data, protocol=protocol)
-    cached = client.get_model_version(name, candidate.version).tags.get(cache_key)
+    version_tags = client.get_model_version(name, candidate.version).tags
+    cached = version_tags.get(cache_key)
+    family = version_tags.get("model.family", NATIVE)
+    if family != settings.model.family:  # decide() then refuses the comparison: other protocol, other latents
+        return (
+            candidate,
+            f"stored metrics: a {family} model is not re-scored under model.family {settings.model.family}",
+        )
     if cached:
         entry = json.loads(cached)
         source = f"cached re-evaluation on data {data}"
     else:
-        pipeline_dir = pipeline_folder(
-            f"{REGISTRY_SCHEME}{name}/{candidate.version}", dst=workdir / f"v{candidate.version}"
-        )
-        report = evaluate_pipeline(
-            settings, pipeline_dir, settings.paths.curated, workdir / f"eval_v{candidate.version}"
-        )
+        report = _reevaluate(settings, client, name, candidate.version, workdir)
         entry = {
             "metrics": report.metrics,
             "passed": report.passed,
@@ -669,7 +759,7 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
     with _register_run(settings, ctx.parent_run_id) as run:
         opened_here = run.info.run_id != ctx.run_id
         result = register_pipeline(settings, client, ctx.parent_run_id, ctx.upstream_run_id, ctx.params_path)
-        samples = sorted(str(p.resolve()) for p in (report_dir(settings, "evaluate") / "samples").glob("*.gif"))
+        samples = sorted(str(p.resolve()) for p in (evaluation_dir(settings) / "samples").glob("*.gif"))
         promotion = promote_version(settings, result["version"], client=client, samples=samples)
         promoted = promotion["promoted"]
         result.update(
@@ -693,7 +783,7 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
             log_files(artifacts, "register")
     print(f"registered {result['model']} version {result['version']} as @{result['alias']}: {promotion['reason']}")
     return StageResult(
-        name="register",
+        name=register_stage(settings),
         metrics=metrics,
         artifacts=artifacts,
         info=result,

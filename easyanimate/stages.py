@@ -39,6 +39,7 @@ class StageSpec:
     plots: tuple[tuple[str, str, str], ...] = ()  # report files plotted by DVC: (file, x, y)
     report_outs: tuple[str, ...] = ()  # extra report files/folders DVC versions (folders cached, files not)
     report_deps: tuple[str, ...] = ()  # other stages' report files it reads, relative to paths.reports
+    family: str | None = None  # the ``model.family`` whose DAG holds it (None: every family's)
     description: str = ""
 
     def load(self) -> Callable[[Settings, StageContext], StageResult]:
@@ -50,6 +51,7 @@ class StageSpec:
         return self.entry.partition(":")[0]
 
 
+NATIVE, V51 = "native", "easyanimate-v5.1"  # config.FAMILIES
 _LOSS = (("loss.csv", "step", "loss"),)
 # Every DiT stage also renders its samples with the generation settings.
 _DIT = (
@@ -89,6 +91,7 @@ STAGES: tuple[StageSpec, ...] = (
         trains=True,
         warm_start="vae",
         plots=_LOSS,
+        family=NATIVE,
         description="Slice VAE: encoder + decoder",
     ),
     StageSpec(
@@ -99,6 +102,7 @@ STAGES: tuple[StageSpec, ...] = (
         ("vae.stage2", "vae.eval", "vae.mixed_precision"),
         trains=True,
         plots=_LOSS,
+        family=NATIVE,
         description="Slice VAE: decoder only",
     ),
     StageSpec(
@@ -110,6 +114,7 @@ STAGES: tuple[StageSpec, ...] = (
         trains=True,
         warm_start="transformer",
         plots=_LOSS,
+        family=NATIVE,
         description="video DiT on images",
     ),
     StageSpec(
@@ -120,6 +125,7 @@ STAGES: tuple[StageSpec, ...] = (
         ("dit.stage2", *_DIT),
         trains=True,
         plots=_LOSS,
+        family=NATIVE,
         description="video DiT: motion",
     ),
     StageSpec(
@@ -130,6 +136,7 @@ STAGES: tuple[StageSpec, ...] = (
         ("dit.stage3", *_DIT),
         trains=True,
         plots=_LOSS,
+        family=NATIVE,
         description="video DiT: full fine-tune on the best clips",
     ),
     StageSpec(
@@ -140,6 +147,7 @@ STAGES: tuple[StageSpec, ...] = (
         ("lora", "curate.video_extensions", "dit.num_train_timesteps", "dit.beta_schedule", "weights.text_encoder"),
         trains=True,
         plots=_LOSS,
+        family=NATIVE,
         description="LoRA adapter on the DiT",
     ),
     StageSpec(
@@ -158,6 +166,7 @@ STAGES: tuple[StageSpec, ...] = (
         ),
         plots=(("val_loss.csv", "timestep", "val_loss"),),
         report_outs=("samples", "report.md", "eval_context.json", "gate.json"),
+        family=NATIVE,
         description="assemble the pipeline, score it on held-out clips, decide its gate",
     ),
     StageSpec(
@@ -165,14 +174,134 @@ STAGES: tuple[StageSpec, ...] = (
         "easyanimate.registry:run_stage",
         ("curated", "pipeline", "lora"),
         (),  # cached: an unchanged pipeline is never registered twice
-        params=("registry", "lora.registered_model", "lora.default_scale"),
+        params=("registry", "lora.registered_model", "lora.default_scale", "model.family"),
         report_outs=("registered.json", "promotion.md"),
         report_deps=("evaluate/gate.json", "evaluate/metrics.json", "evaluate/eval_context.json"),
+        family=NATIVE,
         description="register a model version, promote it only if it is better",
+    ),
+)
+_V51_MODEL = ("v51.model_dir", "v51.dtype")
+STAGES += (
+    StageSpec(
+        "v51_latents",
+        "easyanimate.families.v51_latents:run_stage",
+        ("curated",),
+        ("v51_latents",),
+        (
+            *_V51_MODEL,
+            "v51.train_height",
+            "v51.train_width",
+            "v51.train_num_frames",
+            "v51.bucket_aspect_ratios",
+            "v51.sample_fps",
+            "v51.data_dir",
+            "v51.max_sequence_length",
+            "curate.video_extensions",
+        ),
+        family=V51,
+        description="V5.1: MagViT latents and Qwen2-VL prompt embeddings of the training and held-out clips",
+    ),
+    StageSpec(
+        "v51_finetune",
+        "easyanimate.families.v51_finetune:run_stage",
+        ("v51_latents",),
+        ("v51_finetune",),
+        (
+            *_V51_MODEL,
+            "v51.finetune",
+            "v51.lora_rank",
+            "v51.lora_alpha",
+            "v51.lora_target_modules",
+            "v51.train_steps",
+            "v51.learning_rate",
+            "v51.full_learning_rate",
+            "v51.weight_decay",
+            "v51.max_grad_norm",
+            "v51.weighting_scheme",
+            "v51.logit_mean",
+            "v51.logit_std",
+            "v51.mode_scale",
+            "v51.caption_dropout",
+            "v51.inpaint_i2v_ratio",
+            "v51.gradient_checkpointing",
+            "v51.checkpoint_every",
+            "v51.seed",
+        ),
+        trains=True,
+        plots=_LOSS,
+        family=V51,
+        description="V5.1: LoRA (or full) fine-tune of the released transformer, flow matching",
+    ),
+    StageSpec(
+        "v51_evaluate",
+        "easyanimate.families.v51_evaluate:run_stage",
+        ("curated", "v51_latents", "v51_finetune"),
+        ("v51_pipeline",),
+        (
+            *_V51_MODEL,
+            "v51.eval_sigmas",
+            "v51.eval_num_samples",
+            "v51.num_frames",
+            "v51.negative_prompt",
+            "v51.max_sequence_length",
+            "v51.noise_aug_strength",
+            "v51.memory_mode",
+            "v51.tile_sample_min_size",
+            "v51.tile_sample_stride",
+            "evaluate",
+            "generate",
+        ),
+        plots=(("val_loss.csv", "sigma", "val_loss"),),
+        report_outs=("samples", "report.md", "eval_context.json", "gate.json"),
+        family=V51,
+        description="V5.1: assemble the fine-tuned pipeline, score it on held-out clips, decide its gate",
+    ),
+    StageSpec(
+        "v51_register",
+        "easyanimate.registry:run_stage",
+        ("curated", "v51_pipeline", "v51_finetune"),
+        (),
+        params=(
+            "registry",
+            "lora.registered_model",
+            "lora.default_scale",
+            "model.family",
+            *_V51_MODEL,
+            "v51.memory_mode",
+            "v51.num_frames",
+            "v51.negative_prompt",
+            "v51.max_sequence_length",
+            "v51.noise_aug_strength",
+            "v51.tile_sample_min_size",
+            "v51.tile_sample_stride",
+        ),
+        report_outs=("registered.json", "promotion.md"),
+        report_deps=("v51_evaluate/gate.json", "v51_evaluate/metrics.json", "v51_evaluate/eval_context.json"),
+        family=V51,
+        description="V5.1: register the pipeline (and its LoRA), promote it only if it is better",
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 TRAINED_STAGES = tuple(s.name for s in STAGES if s.trains)
+
+
+def stages_for(family: str) -> tuple[StageSpec, ...]:
+    """The DAG of one ``model.family``: its own stages and the shared ones (curation), in order."""
+    from easyanimate.config import FAMILIES
+
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family!r}: choose one of {list(FAMILIES)}")
+    return tuple(s for s in STAGES if s.family in (None, family))
+
+
+def stage_names_for(family: str) -> tuple[str, ...]:
+    return tuple(s.name for s in stages_for(family))
+
+
+def family_role(family: str, role: str) -> str:
+    """The stage that plays ``role`` ("evaluate" or "register") in ``family``'s DAG."""
+    return role if family == NATIVE else f"v51_{role}"
 
 
 def get_stage(name: str) -> StageSpec:
@@ -483,7 +612,7 @@ def dvc_yaml(params_file: str | Path = "params.yaml", root: str | Path = ".") ->
     stages: dict = {
         CHECK_STAGE: {"cmd": "easyanimate dvc-yaml --check", "deps": [rel(params_path), PACKAGE]},
     }
-    for spec in STAGES:
+    for spec in stages_for(settings.model.family):
         deps = [rel(getattr(settings.paths, d)) for d in spec.deps if d != "captions"]
         deps += [rel(settings.paths.reports / r) for r in spec.report_deps]
         # Code deps name the package folder beside dvc.yaml (the project's own copy of the code).

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 from prefect import flow
 
-from easyanimate.stages import STAGE_NAMES, STAGES, upstream_stages
+from easyanimate.stages import family_role, stage_names_for, stages_for, upstream_stages
 from easyanimate.tracking import flat_params, setup_mlflow, workspace_tags
 from flows.common import settings_from, stage_task, workspace_session
 
@@ -42,16 +42,18 @@ def _run_pipeline(settings, params_path: str | None, version_data: bool) -> dict
             mlflow.log_artifact(str(params_path or "params.yaml"), artifact_path="config")
         mlflow.log_dict(settings.model_dump(mode="json"), "config/settings.json")
         pid = parent.info.run_id
-        for spec in STAGES:
+        family = settings.model.family
+        names = stage_names_for(family)
+        for spec in stages_for(family):
             upstream = upstream_stages(spec.name)
             upstream_run = results[upstream[-1]]["run_id"] if upstream else None
             results[spec.name] = stage_task(spec.name, settings, params_path, pid, upstream_run)
         if version_data:
             results["dvc"] = {"status": dvc_version_outputs(push=True)}
             mlflow.set_tag("dvc", results["dvc"]["status"])
-        last = results[STAGE_NAMES[-1]]
-        samples = [s for s in results["evaluate"].get("samples", []) if s.endswith(".mp4")]
-        mlflow.set_tags({"registered_model": last.get("uri", ""), "stages": ",".join(STAGE_NAMES)})
+        last = results[names[-1]]
+        samples = [s for s in results[family_role(family, "evaluate")].get("samples", []) if s.endswith(".mp4")]
+        mlflow.set_tags({"registered_model": last.get("uri", ""), "stages": ",".join(names), "model.family": family})
     summary = {
         "generated_video": os.path.abspath(samples[0]) if samples else None,
         "registered_model": last.get("uri"),

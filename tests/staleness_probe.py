@@ -11,9 +11,14 @@ import yaml
 from dvc.repo import Repo
 
 from easyanimate.config import PRESETS_DIR, ConfigError, load_settings
-from easyanimate.stages import STAGE_NAMES, STAGES, dvc_yaml, has_key, stage_files, stage_inputs_hash
+from easyanimate.stages import dvc_yaml, has_key, stage_files, stage_inputs_hash, stages_for
 
 ROOT = Path.cwd()
+# dvc.yaml holds the DAG of the project's model.family; switching the family itself rewrites dvc.yaml (the guard
+# stage fails until it is regenerated), so model.family is not one of the edits below.
+STAGES = stages_for(load_settings(ROOT / "params.yaml").model.family)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+FAMILY_SWITCH = "model.family"
 
 
 def keys() -> dict[str, str]:
@@ -117,7 +122,7 @@ def main() -> None:
     for spec in STAGES:
         entry = ROOT / (spec.module.replace(".", "/") + ".py")
         report["modules"][spec.name] = stale_after(touch(entry), repo, base)
-        for param in spec.params:
+        for param in (p for p in spec.params if p != FAMILY_SWITCH):
             leaf, target, edit = param_edit(param)
             report["params"][f"{spec.name}:{param}"] = {"leaf": leaf, "file": target, **stale_after(edit, repo, base)}
     for extra in sys.argv[1:]:

@@ -20,7 +20,10 @@ from easyanimate.stages import (
     params_problems,
     stage_inputs_hash,
     stage_modules,
+    stage_names_for,
     stage_version,
+    stages_for,
+    upstream_stages,
 )
 from tests.conftest import REPO
 
@@ -30,8 +33,26 @@ def test_committed_dvc_yaml_is_the_generated_one():
         "dvc.yaml is stale: run `easyanimate dvc-yaml`"
     )
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == [CHECK_STAGE, *STAGE_NAMES]
-    assert all(stages[name]["cmd"] == f"easyanimate run {name}" for name in STAGE_NAMES)
+    family = load_settings(REPO / "params.yaml").model.family
+    assert list(stages) == [CHECK_STAGE, *stage_names_for(family)]
+    assert all(stages[name]["cmd"] == f"easyanimate run {name}" for name in stage_names_for(family))
+
+
+def test_each_model_family_has_its_own_dag_sharing_curation(tmp_path):
+    native, v51 = stage_names_for("native"), stage_names_for("easyanimate-v5.1")
+    assert native[0] == v51[0] == "curate" and set(native) & set(v51) == {"curate"}
+    assert set(native) | set(v51) == set(STAGE_NAMES)
+    assert v51 == ("curate", "v51_latents", "v51_finetune", "v51_evaluate", "v51_register")
+    for name in v51[1:]:  # each V5.1 stage reads only outputs of the V5.1 DAG (or curation)
+        assert set(upstream_stages(name)) <= set(v51), name
+    # dvc.yaml follows the family in the params file; switching it makes the committed dvc.yaml stale.
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: tiny\nmodel: {family: easyanimate-v5.1}\n")
+    stages = yaml.safe_load(dvc_yaml(params, tmp_path))["stages"]
+    assert list(stages) == [CHECK_STAGE, *v51]
+    assert stages["v51_finetune"]["deps"][0] == "data/v51_latents"
+    assert "loss.csv" in str(stages["v51_finetune"]["plots"])
+    assert dvc_yaml(params, tmp_path) != (REPO / "dvc.yaml").read_text()
 
 
 def test_code_versions_are_derived_from_imports():
@@ -40,7 +61,7 @@ def test_code_versions_are_derived_from_imports():
     assert "easyanimate.data.buckets" not in vae  # bucketing is DiT code: editing it must not retrain the VAE
     assert "easyanimate.config" in vae and "easyanimate.training.common" in vae
     for spec in STAGES:
-        if spec.name != "register":  # registration reads the DAG itself (lineage of every stage)
+        if spec.module != "easyanimate.registry":  # registration reads the DAG itself (lineage of every stage)
             assert "easyanimate.stages" not in stage_modules(spec.name), f"{spec.name} imports the DAG"
         assert "easyanimate.cli" not in stage_modules(spec.name)
 
@@ -110,11 +131,15 @@ def _shares_entry(a: str, b: str) -> bool:
     return get_stage(a).module == get_stage(b).module
 
 
+NATIVE_STAGES = stages_for("native")
+NATIVE_NAMES = stage_names_for("native")
+
+
 def test_editing_a_stage_module_stales_that_stage_and_descendants_only(staleness):
-    for spec in STAGES:
+    for spec in NATIVE_STAGES:
         entry_file = spec.module.replace(".", "/") + ".py"
         found = staleness["modules"][spec.name]
-        expected = sorted(s for s in STAGE_NAMES if entry_file in staleness["stage_files"][s])
+        expected = sorted(s for s in NATIVE_NAMES if entry_file in staleness["stage_files"][s])
         assert found["prefect"] == expected and found["dvc"] == sorted([*expected, CHECK_STAGE]), (spec.name, found)
         assert spec.name in expected
         assert all(s == spec.name or s in descendants(spec.name) or _shares_entry(s, spec.name) for s in expected)
@@ -128,9 +153,11 @@ def test_changing_a_param_stales_the_stages_that_declare_it_and_nothing_else(sta
     for key, found in staleness["params"].items():
         name, param = key.split(":")
         leaf = found["leaf"]
-        expected = sorted(s.name for s in STAGES if any(leaf == p or leaf.startswith(p + ".") for p in s.params))
+        expected = sorted(
+            s.name for s in NATIVE_STAGES if any(leaf == p or leaf.startswith(p + ".") for p in s.params)
+        )
         assert name in expected and found["prefect"] == expected, (key, found, expected)
-        first = min(expected, key=STAGE_NAMES.index)
+        first = min(expected, key=NATIVE_NAMES.index)
         assert all(s == first or s in descendants(first) for s in expected), (key, expected)
         # DVC reruns exactly those stages when dvc.yaml lists the key for the file that changed. A key set in
         # neither file is a code default: setting it first makes dvc.yaml stale, and the guard stage that
@@ -138,7 +165,7 @@ def test_changing_a_param_stales_the_stages_that_declare_it_and_nothing_else(sta
         assert CHECK_STAGE in found["dvc"], key
         rerun = sorted(set(found["dvc"]) - {CHECK_STAGE})
         tracked = sorted(
-            s for s in STAGE_NAMES if any(leaf == p or leaf.startswith(p + ".") for p in _dvc_params(s, found["file"]))
+            s for s in NATIVE_NAMES if any(leaf == p or leaf.startswith(p + ".") for p in _dvc_params(s, found["file"]))
         )
         assert rerun == tracked and set(tracked) <= set(expected), (key, found, tracked)
         assert tracked == expected or found["dvc_yaml_stale"], f"{key}: DVC would silently miss this change"

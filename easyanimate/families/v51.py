@@ -17,7 +17,6 @@ peft config in the safetensors metadata) plus peft's ``adapter_config.json``.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,6 +335,7 @@ def generate_v51(
     max_sequence_length: int = 256,
     noise_aug_strength: float = 0.0563,
     lora_scale: float | None = None,
+    callback_on_step_end: Callable | None = None,
 ) -> np.ndarray:
     """One video: uint8 ``(num_frames, height, width, 3)``.
 
@@ -385,7 +385,8 @@ def generate_v51(
             kwargs["video"], kwargs["mask_video"] = image_to_video_condition(
                 image, end_image, num_frames, height, width
             )
-    frames = pipe(**kwargs).frames[0]  # (F, H, W, 3) floats in [0, 1]
+    # callback_on_step_end(pipe, step, timestep, tensors) -> tensors: diffusers' per-step hook (progress, stop).
+    frames = pipe(**kwargs, callback_on_step_end=callback_on_step_end).frames[0]  # (F, H, W, 3) in [0, 1]
     return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -515,7 +516,7 @@ def set_v51_lora_scale(pipe_or_transformer, scale: float, adapter_name: str = "d
     set_weights_and_activate_adapters(_transformer(pipe_or_transformer), [adapter_name], [float(scale)])
 
 
-# ----------------------------------------------------------------------------------------- LoRA training
+# ----------------------------------------------------------------------------------------- fine-tuning
 def _valid_frames(n: int, limit: int) -> int:
     """Largest 1 + 4k that is <= min(n, limit)."""
     m = min(n, limit)
@@ -555,87 +556,203 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
 
 
-def train_v51_lora(
-    pipe_or_dir: DiffusionPipeline | str | Path,
-    samples: Iterable[tuple[Any, str]],
+@dataclass
+class LatentSample:
+    """One training (or held-out) sample as the latent cache holds it: the MagViT posterior of its frames (unscaled
+    ``mean``/``std``, (C, F, h, w)), its prompt's Qwen2-VL embedding (L, D) and, for an InP checkpoint, the inpaint
+    condition with frame 1 given (mask and masked-video latents, scaled, (C', F, h, w))."""
+
+    key: str
+    caption: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    prompt_embeds: torch.Tensor
+    inpaint_latents: torch.Tensor | None = None
+
+    def draw(self, scaling: float, generator: torch.Generator) -> torch.Tensor:
+        """``latent_dist.sample() * scaling_factor``, batch of one."""
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=torch.float32)
+        return ((self.mean.float() + self.std.float() * noise) * scaling)[None]
+
+
+def sample_frames(frames: np.ndarray, limit: int) -> np.ndarray:
+    """Images train as one frame; a video as its first largest 1 + 4k frames, at most ``limit``."""
+    return frames[:1] if frames.shape[0] < 5 else frames[: _valid_frames(frames.shape[0], limit)]
+
+
+@torch.no_grad()
+def encode_prompts(
+    pipe: DiffusionPipeline, captions: Iterable[str], max_sequence_length: int
+) -> dict[str, torch.Tensor]:
+    """Each caption -> its (L, D) embedding from the pipeline's own ``encode_prompt`` (the empty one included)."""
+    device = pipe._execution_device
+    out = {}
+    for caption in sorted(set(captions) | {""}):
+        embeds = pipe.encode_prompt(
+            prompt=caption,
+            do_classifier_free_guidance=False,
+            device=device,
+            dtype=pipe.transformer.dtype,
+            max_sequence_length=max_sequence_length,
+        )[0]
+        out[caption] = embeds[0].cpu()
+    return out
+
+
+@torch.no_grad()
+def encode_sample(
+    pipe: DiffusionPipeline, key: str, frames: np.ndarray, caption: str, prompt_embeds: torch.Tensor
+) -> LatentSample:
+    """uint8 (T, H, W, 3) frames (1 or 1 + 4k, sizes multiples of 16) -> a ``LatentSample``.
+
+    The InP condition is built as diffusers' inpaint pipeline builds it for image-to-video: frame 1 kept, the rest
+    masked (-1), encoded with the VAE's ``mode()``; the mask resized into latent space (``resize_mask``) when the
+    transformer says so, else encoded like a video."""
+    from diffusers.pipelines.easyanimate.pipeline_easyanimate_inpaint import resize_mask
+
+    vae, transformer = pipe.vae, pipe.transformer
+    device = pipe._execution_device
+    n = frames.shape[0]
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None]
+    pixels = pixels.to(device, torch.float32).div(127.5).sub(1).to(vae.dtype)
+    posterior = vae.encode(pixels).latent_dist
+    inpaint = None
+    if pipeline_is_inpaint(pipe):
+        scaling = vae.config.scaling_factor
+        dtype = transformer.dtype
+        mask = torch.ones(1, 1, n, *pixels.shape[-2:], device=device)
+        mask[:, :, 0] = 0  # frame 1 given, the rest generated
+        masked = (pixels * (mask < 0.5) - (mask > 0.5).to(pixels.dtype)).to(vae.dtype)
+        masked_latents = vae.encode(masked)[0].mode().to(dtype) * scaling
+        if transformer.config.resize_inpaint_mask_directly:
+            mag_first_frame = getattr(vae.config, "cache_mag_vae", True)
+            mask_latents = resize_mask(1 - mask, masked_latents, mag_first_frame).to(dtype) * scaling
+        else:
+            mask_latents = vae.encode(mask.repeat(1, 3, 1, 1, 1).to(vae.dtype))[0].mode().to(dtype) * scaling
+        inpaint = torch.cat([mask_latents, masked_latents], dim=1)[0].cpu()
+    return LatentSample(
+        key,
+        caption,
+        posterior.mean[0].float().cpu(),
+        posterior.std[0].float().cpu(),
+        prompt_embeds,
+        inpaint,
+    )
+
+
+def flow_matching_loss(
+    transformer,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    inpaint_latents: torch.Tensor | None,
+    weighting_scheme: str = "none",
+) -> torch.Tensor:
+    """The objective the V5.1 release trained with (rectified flow): ``x_t = (1 - sigma) x0 + sigma noise``, the
+    transformer predicts ``noise - x0``; squared error weighted by diffusers' ``compute_loss_weighting_for_sd3``."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    dtype = transformer.dtype
+    sigmas = sigmas.view(-1, 1, 1, 1, 1).float()
+    xt = ((1 - sigmas) * x0.float() + sigmas * noise.float()).to(dtype)
+    pred = transformer(
+        xt,
+        timesteps.to(dtype),
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        inpaint_latents=None if inpaint_latents is None else inpaint_latents.to(dtype),
+        return_dict=False,
+    )[0]
+    target = noise.float() - x0.float()
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas).float()
+    return (weighting * (pred.float() - target) ** 2).mean()
+
+
+def _inpaint_for_step(sample: LatentSample, transformer, latent_channels: int, use_condition: bool, like: torch.Tensor):
+    if sample.inpaint_latents is None:
+        return None
+    if use_condition and sample.mean.shape[1] > 1:
+        return sample.inpaint_latents[None].to(like.device)
+    channels = transformer.config.in_channels - latent_channels
+    return torch.zeros(1, channels, *like.shape[2:], device=like.device)  # the pipeline's text-to-video condition
+
+
+def train_v51_transformer(
+    transformer,
+    scheduler_config: dict,
+    scaling_factor: float,
+    samples: Sequence[LatentSample],
+    empty_prompt: torch.Tensor,
     cfg: V51Config,
     output_dir: str | Path,
     *,
-    device: str | torch.device | None = None,
+    mode: str = "lora",
     checkpoint_dir: str | Path | None = None,
     keep_checkpoints: int = 2,
     log: Callable[[int, float], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> Path:
-    """LoRA fine-tune of the V5.1 transformer with the flow-matching objective the release trained with.
+    """Fine-tune the V5.1 transformer on cached latents with the flow-matching objective the release trained with.
 
-    ``samples``: ``(media, caption)`` pairs; media as ``load_training_media`` takes them. Images train as one frame,
-    videos as ``cfg.train_num_frames`` (or the largest 1 + 4k they hold) consecutive frames from a random start,
-    all scaled and centre-cropped to ``cfg.train_height`` x ``cfg.train_width``. Each step (batch of one):
-    ``x0`` = MagViT latents (``latent_dist.sample()`` x ``scaling_factor``), text from the pipeline's own
-    ``encode_prompt``; ``sigma`` drawn by diffusers' ``compute_density_for_timestep_sampling``
-    (``cfg.weighting_scheme``) over the scheduler's training sigmas; ``x_t = (1 - sigma) x0 + sigma noise``,
-    target ``noise - x0``, loss weighted by ``compute_loss_weighting_for_sd3``. An InP checkpoint also gets its
-    inpaint condition: with ``cfg.inpaint_i2v_ratio`` the first frame is given (mask and masked-video latents as the
-    inpaint pipeline builds them), else none (zeros, as the pipeline's text-to-video path).
+    ``mode`` "lora": a fresh peft LoRA (``cfg.lora_rank``/``lora_alpha``/``lora_target_modules``), adapters in float32,
+    written in diffusers' LoRA format (``load_v51_lora`` loads it). "full": every transformer weight, trained in
+    float32 at ``cfg.full_learning_rate`` and written as ``transformer/`` in ``cfg.dtype`` (a drop-in for the release's
+    ``transformer/`` folder).
 
-    ``checkpoint_dir``: every ``cfg.checkpoint_every`` steps the adapter and optimizer go to ``step-N/``, and a
-    rerun resumes from the newest one (each step's randomness comes from ``(cfg.seed, step)``, so a resumed run
-    draws what an uninterrupted one would). Returns ``output_dir`` with the adapter in diffusers' LoRA format
-    (``load_v51_lora`` loads it) and ``train_summary.json``.
+    Each step (batch of one): a sample drawn by ``(cfg.seed, step)``; ``x0`` from its cached posterior; ``sigma`` by
+    diffusers' ``compute_density_for_timestep_sampling`` (``cfg.weighting_scheme``) over the scheduler's training
+    sigmas; the empty prompt with ``cfg.caption_dropout``; an InP transformer gets its cached frame-1 condition with
+    ``cfg.inpaint_i2v_ratio``, else the zero (text-to-video) condition. Every ``cfg.checkpoint_every`` steps the
+    trained weights and optimizer go to ``checkpoint_dir/step-N/``; a rerun resumes from the newest one and, since each
+    step's randomness comes from ``(cfg.seed, step)``, ends where an uninterrupted run ends.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.easyanimate.pipeline_easyanimate_inpaint import add_noise_to_reference_video, resize_mask
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from diffusers.training_utils import compute_density_for_timestep_sampling
     from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
 
-    if cfg.train_height % 16 or cfg.train_width % 16:
-        raise V51Error(f"v51.train_height/train_width ({cfg.train_height}x{cfg.train_width}) must be multiples of 16")
-    if isinstance(pipe_or_dir, (str, Path)):
-        pipe = load_v51_pipeline(pipe_or_dir, "none", dtype=cfg.dtype, device=device)
+    if mode not in ("lora", "full"):
+        raise V51Error(f"v51.finetune={mode!r}: choose lora or full")
+    if not samples:
+        raise V51Error("no training samples in the latent cache")
+    device = torch.device(device or next(transformer.parameters()).device)
+    transformer.requires_grad_(False)
+    config = None
+    if mode == "lora":
+        config = add_v51_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        for p in params:  # adapters train in float32 even on a bf16 base
+            p.data = p.data.float()
+        lr = cfg.learning_rate
     else:
-        pipe = pipe_or_dir
-    device = torch.device(device or pipe._execution_device)
-    vae, transformer = pipe.vae, pipe.transformer
-    dtype = transformer.dtype
-    items = [(load_training_media(media), caption) for media, caption in samples]
-    if not items:
-        raise V51Error("train_v51_lora: no training samples")
-
-    # Frozen encoders; text embeddings once per caption, as the pipeline encodes them.
-    for module in (vae, pipe.text_encoder, transformer):
-        module.requires_grad_(False)
-    texts: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for caption in {c for _, c in items} | {""}:
-            texts[caption] = pipe.encode_prompt(
-                prompt=caption,
-                do_classifier_free_guidance=False,
-                device=device,
-                dtype=dtype,
-                max_sequence_length=cfg.max_sequence_length,
-            )[0]
-
-    config = add_v51_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:  # adapters train in float32 even on a bf16 base
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        transformer.to(torch.float32).requires_grad_(True)
+        params = list(transformer.parameters())
+        lr = cfg.full_learning_rate
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    train_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     num_train_timesteps = train_scheduler.config.num_train_timesteps
-    scaling = vae.config.scaling_factor
-    is_inp = pipeline_is_inpaint(pipe)
-    mag_first_frame = getattr(vae.config, "cache_mag_vae", True)
+    latent_channels = samples[0].mean.shape[0]
+    dtype = transformer.dtype
+
+    def save_weights(folder: Path) -> None:
+        if mode == "lora":
+            save_v51_lora(transformer, folder, config)
+        else:
+            state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in transformer.state_dict().items()}
+            save_file(state, folder / "transformer.safetensors")
 
     start, losses = 0, []
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_root is not None and _checkpoints(ckpt_root):
-        from safetensors.torch import load_file
-
         last = _checkpoints(ckpt_root)[-1]
-        state = {k[len(LORA_PREFIX) :]: v for k, v in load_file(str(last / LORA_WEIGHTS_NAME)).items()}
-        set_peft_model_state_dict(transformer, state)
+        if mode == "lora":
+            state = {k[len(LORA_PREFIX) :]: v for k, v in load_file(str(last / LORA_WEIGHTS_NAME)).items()}
+            set_peft_model_state_dict(transformer, state)
+        else:
+            transformer.load_state_dict(load_file(str(last / "transformer.safetensors")))
         optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location=device))
         progress = json.loads((last / "progress.json").read_text())
         start, losses = progress["step"], progress["losses"]
@@ -643,59 +760,25 @@ def train_v51_lora(
     transformer.train()
     for step in range(start, cfg.train_steps):
         rng = np.random.default_rng([cfg.seed, step])
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-        frames, caption = items[int(rng.integers(len(items)))]
-        n = 1 if frames.shape[0] < 5 else _valid_frames(frames.shape[0], cfg.train_num_frames)
-        first = int(rng.integers(frames.shape[0] - n + 1))
-        clip = fit_frames(frames[first : first + n], cfg.train_height, cfg.train_width)
-        pixels = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].to(device, torch.float32).div(127.5).sub(1)
-        pixels = pixels.to(vae.dtype)
-        with torch.no_grad():
-            x0 = vae.encode(pixels).latent_dist.sample(generator=gen).to(dtype) * scaling
-            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=dtype)
-            u = compute_density_for_timestep_sampling(
-                cfg.weighting_scheme,
-                1,
-                logit_mean=cfg.logit_mean,
-                logit_std=cfg.logit_std,
-                mode_scale=cfg.mode_scale,
-                device=device,
-                generator=gen,
-            )
-            index = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1).cpu()
-            timesteps = train_scheduler.timesteps[index].to(device)
-            sigmas = train_scheduler.sigmas[index].to(device, torch.float32).view(-1, 1, 1, 1, 1)
-            xt = ((1 - sigmas) * x0.float() + sigmas * noise.float()).to(dtype)
-            inpaint_latents = None
-            if is_inp:
-                channels = transformer.config.in_channels - vae.config.latent_channels
-                if n > 1 and rng.random() < cfg.inpaint_i2v_ratio:
-                    mask = torch.ones(1, 1, n, *pixels.shape[-2:], device=device)
-                    mask[:, :, 0] = 0  # frame 1 given, the rest generated
-                    masked = (pixels * (mask < 0.5) - (mask > 0.5).to(pixels.dtype)).to(vae.dtype)
-                    if transformer.config.add_noise_in_inpaint_model:
-                        ratio = math.exp(float(rng.normal(-3.0, 0.5)))
-                        masked = add_noise_to_reference_video(masked, ratio=ratio, generator=gen)
-                    masked_latents = vae.encode(masked)[0].mode().to(dtype) * scaling
-                    if transformer.config.resize_inpaint_mask_directly:
-                        mask_latents = resize_mask(1 - mask, masked_latents, mag_first_frame).to(dtype) * scaling
-                    else:
-                        tiled = mask.repeat(1, 3, 1, 1, 1).to(vae.dtype)
-                        mask_latents = vae.encode(tiled)[0].mode().to(dtype) * scaling
-                    inpaint_latents = torch.cat([mask_latents, masked_latents], dim=1)
-                else:
-                    inpaint_latents = torch.zeros(1, channels, *x0.shape[2:], device=device, dtype=dtype)
-            text = texts["" if rng.random() < cfg.caption_dropout else caption]
-        pred = transformer(
-            xt,
-            timesteps.to(dtype),
-            encoder_hidden_states=text,
-            inpaint_latents=inpaint_latents,
-            return_dict=False,
-        )[0]
-        target = noise.float() - x0.float()
-        weighting = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas)
-        loss = (weighting.float() * (pred.float() - target) ** 2).mean()
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+        sample = samples[int(rng.integers(len(samples)))]
+        x0 = sample.draw(scaling_factor, gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
+        u = compute_density_for_timestep_sampling(
+            cfg.weighting_scheme,
+            1,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            mode_scale=cfg.mode_scale,
+            generator=gen,
+        )
+        index = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1).cpu()
+        timesteps = train_scheduler.timesteps[index].to(device)
+        sigmas = train_scheduler.sigmas[index].to(device, torch.float32)
+        use_condition = rng.random() < cfg.inpaint_i2v_ratio
+        inpaint = _inpaint_for_step(sample, transformer, latent_channels, use_condition, x0)
+        text = (empty_prompt if rng.random() < cfg.caption_dropout else sample.prompt_embeds)[None].to(device, dtype)
+        loss = flow_matching_loss(transformer, x0, noise, sigmas, timesteps, text, inpaint, cfg.weighting_scheme)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -707,7 +790,8 @@ def train_v51_lora(
         if ckpt_root is not None and (done % cfg.checkpoint_every == 0 or done == cfg.train_steps):
             tmp = ckpt_root / f".step-{done}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_v51_lora(transformer, tmp, config)
+            tmp.mkdir(parents=True)
+            save_weights(tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "progress.json").write_text(json.dumps({"step": done, "losses": losses}))
             final = ckpt_root / f"step-{done}"
@@ -718,17 +802,77 @@ def train_v51_lora(
     transformer.eval()
 
     out = Path(output_dir)
-    save_v51_lora(transformer, out, config)
+    out.mkdir(parents=True, exist_ok=True)
+    if mode == "lora":
+        save_v51_lora(transformer, out, config)
+    else:
+        transformer.to(DTYPES[cfg.dtype]).save_pretrained(out / "transformer", safe_serialization=True)
     summary = {
+        "mode": mode,
         "steps": cfg.train_steps,
         "resumed_from": start,
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
-        "rank": cfg.lora_rank,
-        "alpha": cfg.lora_alpha,
-        "target_modules": list(cfg.lora_target_modules),
-        "inpaint": is_inp,
+        "num_samples": len(samples),
+        "inpaint": samples[0].inpaint_latents is not None,
         "weighting_scheme": cfg.weighting_scheme,
+        **(
+            {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "target_modules": list(cfg.lora_target_modules)}
+            if mode == "lora"
+            else {"learning_rate": cfg.full_learning_rate}
+        ),
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return out
+
+
+def fit_sample(frames: np.ndarray, cfg: V51Config) -> np.ndarray:
+    """A sample's frames as ``train_v51_lora`` trains them: 1 or 1 + 4k frames at train_height x train_width."""
+    if cfg.train_height % 16 or cfg.train_width % 16:
+        raise V51Error(f"v51.train_height/train_width ({cfg.train_height}x{cfg.train_width}) must be multiples of 16")
+    return fit_frames(sample_frames(frames, cfg.train_num_frames), cfg.train_height, cfg.train_width)
+
+
+def train_v51_lora(
+    pipe_or_dir: DiffusionPipeline | str | Path,
+    samples: Iterable[tuple[Any, str]],
+    cfg: V51Config,
+    output_dir: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    checkpoint_dir: str | Path | None = None,
+    keep_checkpoints: int = 2,
+    log: Callable[[int, float], None] | None = None,
+) -> Path:
+    """LoRA fine-tune of a loaded V5.1 pipeline (or folder) on ``(media, caption)`` pairs, in memory.
+
+    Media as ``load_training_media`` takes them; each becomes one ``LatentSample`` (``fit_sample``: an image one
+    frame, a video its first 1 + 4k frames up to ``cfg.train_num_frames``, scaled and centre-cropped to
+    ``cfg.train_height`` x ``cfg.train_width``), then ``train_v51_transformer`` trains the adapter. The DAG's
+    ``v51_latents`` and ``v51_finetune`` stages do the same from the curated clips, with a latent cache between.
+    """
+    if isinstance(pipe_or_dir, (str, Path)):
+        pipe = load_v51_pipeline(pipe_or_dir, "none", dtype=cfg.dtype, device=device)
+    else:
+        pipe = pipe_or_dir
+    items = [(fit_sample(load_training_media(media), cfg), caption) for media, caption in samples]
+    if not items:
+        raise V51Error("train_v51_lora: no training samples")
+    for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
+        module.requires_grad_(False)
+    texts = encode_prompts(pipe, [c for _, c in items], cfg.max_sequence_length)
+    latents = [encode_sample(pipe, f"sample-{i}", f, c, texts[c]) for i, (f, c) in enumerate(items)]
+    return train_v51_transformer(
+        pipe.transformer,
+        dict(pipe.scheduler.config),
+        pipe.vae.config.scaling_factor,
+        latents,
+        texts[""],
+        cfg,
+        output_dir,
+        mode="lora",
+        checkpoint_dir=checkpoint_dir,
+        keep_checkpoints=keep_checkpoints,
+        log=log,
+        device=pipe._execution_device,
+    )
