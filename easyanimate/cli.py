@@ -66,11 +66,11 @@ def _main() -> None:
 
 
 @app.command()
-def stages() -> None:
-    """List the pipeline's stages in order."""
-    from easyanimate.stages import STAGES
+def stages(params: Optional[Path] = ParamsOpt) -> None:
+    """List the stages of the pipeline (of the model.family in the params file) in order."""
+    from easyanimate.stages import stages_for
 
-    for spec in STAGES:
+    for spec in stages_for(_settings(params).model.family):
         typer.echo(
             f"{spec.name:12s} reads {', '.join(spec.deps) or '-':32s} writes {', '.join(spec.outs) or 'registry':12s} "
             f"{spec.description}"
@@ -90,11 +90,13 @@ def run(
     wait: bool = WaitOpt,
 ) -> None:
     """Run one stage as a versioned, cached Prefect task (this is what each ``dvc.yaml`` stage calls)."""
-    from easyanimate.stages import STAGE_NAMES
+    from easyanimate.stages import STAGE_NAMES, stage_names_for
 
-    if stage not in STAGE_NAMES:
-        _fail(f"unknown stage {stage!r}; stages are {', '.join(STAGE_NAMES)}")
     settings = _settings(params)
+    names = stage_names_for(settings.model.family)
+    if stage not in names:
+        other = " (a stage of another model.family)" if stage in STAGE_NAMES else ""
+        _fail(f"unknown stage {stage!r}{other}; the {settings.model.family} stages are {', '.join(names)}")
     with _writer(f"easyanimate run {stage}", settings, wait):
         from flows.common import stage_flow
 
@@ -185,7 +187,11 @@ def resolve_pipeline_dir(model: str, settings) -> Path:
 def generate(
     prompt: str = typer.Argument(...),
     out: Path = typer.Option(..., "--out", "-o", help="output .mp4 or .gif"),
-    model: Optional[str] = typer.Option(None, help="pipeline folder or models:/NAME@ALIAS (default: paths.pipeline)"),
+    model: Optional[str] = typer.Option(
+        None,
+        help="pipeline folder (native or V5.1) or models:/NAME@ALIAS; the family is read from it "
+        "(default: paths.pipeline, or v51.model_dir when model.family is easyanimate-v5.1)",
+    ),
     lora: Optional[str] = typer.Option(
         None,
         help="LoRA adapter: folder or .safetensors file written by the "
@@ -194,13 +200,19 @@ def generate(
     lora_scale: float = typer.Option(1.0, help="adapter strength (0 = base model)"),
     steps: Optional[int] = typer.Option(None, min=1, help="denoising steps (default: generate.num_inference_steps)"),
     seed: Optional[int] = typer.Option(None, min=0),
-    frames: Optional[int] = typer.Option(None, min=1, help="1, or a multiple of 4 >= 8 (default: generate.num_frames)"),
+    frames: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="native: 1, or a multiple of 4 >= 8 (default: generate.num_frames); V5.1: 1 + 4k (default: v51.num_frames)",
+    ),
     height: Optional[int] = typer.Option(None, min=1, help="pixels, at most generate.max_side"),
     width: Optional[int] = typer.Option(None, min=1, help="pixels, at most generate.max_side"),
     guidance: Optional[float] = typer.Option(None, min=1.0),
     negative_prompt: Optional[str] = typer.Option(None),
-    family: str = typer.Option(
-        "native", help="native (this project's Slice VAE + DiT) | v5.1 (a local EasyAnimate V5.1 diffusers folder)"
+    family: Optional[str] = typer.Option(
+        None,
+        help="native (this project's Slice VAE + DiT) | v5.1 (an EasyAnimate V5.1 diffusers folder) "
+        "(default: the family --model holds, else model.family)",
     ),
     image: Optional[Path] = typer.Option(
         None, exists=True, dir_okay=False, help="start frame: image-to-video (V5.1 InP checkpoints)"
@@ -216,14 +228,41 @@ def generate(
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in ("mp4", "gif"):
         _fail(f"--out must end in .mp4 or .gif, got {out}")
-    if family not in ("native", "v5.1"):
+    if family is not None and family not in ("native", "v5.1"):
         _fail(f"--family must be native or v5.1, got {family!r}")
+    model_dir: Optional[Path] = None  # --model's folder (a registered model's, downloaded)
+    if model:
+        model_dir = resolve_pipeline_dir(model, settings) if model.startswith("models:/") else Path(model)
+        # The family the folder holds: V5.1 is diffusers' EasyAnimate(Inpaint)Pipeline around diffusers' own
+        # EasyAnimateTransformer3DModel (as easyanimate.serving.pyfunc.folder_family reads it, without its imports).
+        try:
+            index = json.loads((model_dir / "model_index.json").read_text())
+        except (OSError, ValueError):
+            index = None
+        held = None
+        if isinstance(index, dict):
+            v51_classes = ("EasyAnimatePipeline", "EasyAnimateInpaintPipeline")
+            is_v51 = index.get("_class_name") in v51_classes and index.get("transformer") == [
+                "diffusers",
+                "EasyAnimateTransformer3DModel",
+            ]
+            held = "v5.1" if is_v51 else "native"
+        if family is not None and held is not None and family != held:
+            _fail(f"--model {model} holds a {held} model, not --family {family}: drop --family or pass --family {held}")
+        family = family or held
+    if family is None:
+        family = "v5.1" if settings.model.family == "easyanimate-v5.1" else "native"
     # An explicit value is used as given (0 is refused by typer above, never replaced by the default).
     num_frames = (g.num_frames if family == "native" else settings.v51.num_frames) if frames is None else frames
     height = g.height if height is None else height
     width = g.width if width is None else width
     steps = g.num_inference_steps if steps is None else steps
-    problem = frame_count_problem(num_frames, g.max_frames) if family == "native" else None
+    if family == "native":
+        problem = frame_count_problem(num_frames, g.max_frames)
+    elif (num_frames - 1) % 4:  # every V5.1 MagViT compresses time by 4 (checked again on the loaded VAE)
+        problem = f"{num_frames} frames: the V5.1 MagViT VAE takes 1 + 4k frames (1, 5, 9, ..., 49)"
+    else:
+        problem = f"{num_frames} frames is more than the {g.max_frames} allowed" if num_frames > g.max_frames else None
     if problem:
         _fail(f"--frames: {problem} (generate.max_frames)")
     for flag, value in (("--height", height), ("--width", width)):
@@ -236,17 +275,21 @@ def generate(
         gen.update({k: v for k, v in (("seed", seed), ("guidance_scale", guidance)) if v is not None})
         if negative_prompt is not None:
             gen["negative_prompt"] = negative_prompt
-        v51 = {"num_frames": num_frames, **({"model_dir": Path(model)} if model else {})}
+        v51 = {"num_frames": num_frames, **({"model_dir": model_dir} if model_dir else {})}
         _generate_v51(settings, prompt, out, fmt, gen, v51, image, end_image, lora, lora_scale)
         return
     if image or end_image:
-        _fail("--image/--end-image need --family v5.1 and an InP checkpoint (the native DiT is text-to-video)")
+        _fail(
+            "--image/--end-image need a V5.1 InP checkpoint (--family v5.1, or --model naming one): "
+            "the native DiT is text-to-video"
+        )
     import torch
 
     from easyanimate.pipelines import EasyAnimatePipeline
     from easyanimate.registry import lora_path
 
-    pipe = EasyAnimatePipeline.from_pretrained(resolve_pipeline_dir(model or str(settings.paths.pipeline), settings))
+    pipe_dir = str(model_dir) if model_dir is not None else str(settings.paths.pipeline)
+    pipe = EasyAnimatePipeline.from_pretrained(resolve_pipeline_dir(pipe_dir, settings))
     if lora:
         try:
             pipe.load_lora_weights(lora_path(lora, settings.registry.tracking_uri), scale=lora_scale)
@@ -276,9 +319,23 @@ def generate(
 
 
 def _generate_v51(settings, prompt, out, fmt, gen, v51, image, end_image, lora, lora_scale) -> None:
-    from easyanimate.families.v51 import V51Error, generate_v51_from_settings
+    from easyanimate.families.v51 import LORA_WEIGHTS_NAME, V51Error, generate_v51_from_settings
     from easyanimate.pipelines.pipeline_easyanimate import encode_video
+    from easyanimate.registry import lora_path
     from easyanimate.utils import atomic_write_bytes
+
+    if lora:  # a folder, its weights file, or models:/NAME@ALIAS of a registered adapter (downloaded)
+        try:
+            lora_dir = lora_path(lora, settings.registry.tracking_uri)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(f"--lora {lora}: {exc}")
+        if lora_dir.is_file():
+            if lora_dir.name != LORA_WEIGHTS_NAME:
+                _fail(
+                    f"--lora {lora}: a V5.1 adapter is a folder holding {LORA_WEIGHTS_NAME} (as save_v51_lora writes)"
+                )
+            lora_dir = lora_dir.parent
+        lora = lora_dir
 
     settings = settings.model_copy(
         update={
