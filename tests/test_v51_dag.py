@@ -162,3 +162,36 @@ def test_v51_full_finetune_replaces_the_transformer_and_registers_no_adapter(v51
     base = load_file(next((release / "transformer").glob("*.safetensors")))
     assert any(not torch.equal(tuned[k], base[k]) for k in base), "the pipeline holds the fine-tuned transformer"
     assert (tmp_path / "pipeline" / "vae").is_dir() and registered_adapter_dir(settings) is None
+
+
+def test_registered_v51_model_serves_image_to_video(v51_project):
+    """The champion the DAG registered serves through the pyfunc (what `mlflow models serve` and `easyanimate
+    serve` load) and `easyanimate generate`, image-to-video from a start frame, with its registered LoRA."""
+    import base64
+    import io
+
+    import mlflow.pyfunc
+    from PIL import Image
+
+    from easyanimate.data.video_io import probe
+
+    project, _, _ = v51_project
+    mlflow_client(project)  # points MLflow at the project's registry
+    start = Image.fromarray(np.full((48, 64, 3), (200, 40, 40), np.uint8))
+    buffer = io.BytesIO()
+    start.save(buffer, format="PNG")
+    model = mlflow.pyfunc.load_model("models:/easyanimate@champion")
+    request = {"prompt": "a rabbit on a hill", "image": base64.b64encode(buffer.getvalue()).decode(), "steps": 2}
+    [prediction] = model.predict([request]).to_dict("records")
+    assert prediction["num_frames"] == 5 and (prediction["height"], prediction["width"]) == (32, 32)
+    video = project / "served.mp4"
+    video.write_bytes(base64.b64decode(prediction["video_mp4_base64"]))
+    assert probe(video).num_frames == 5
+
+    start_png = project / "start.png"
+    start.save(start_png)
+    out = project / "i2v.mp4"
+    args = ["generate", "a rabbit on a hill", "-o", str(out), "--model", "models:/easyanimate@champion"]
+    args += ["--lora", "models:/easyanimate-lora@champion", "--image", str(start_png), "--steps", "2"]
+    proc = run([str(BIN / "easyanimate"), *args], project)
+    assert proc.returncode == 0 and probe(out).num_frames == 5
