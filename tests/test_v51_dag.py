@@ -195,3 +195,25 @@ def test_registered_v51_model_serves_image_to_video(v51_project):
     args += ["--lora", "models:/easyanimate-lora@champion", "--image", str(start_png), "--steps", "2"]
     proc = run([str(BIN / "easyanimate"), *args], project)
     assert proc.returncode == 0 and probe(out).num_frames == 5
+
+
+def test_v51_second_version_is_compared_on_the_same_yardstick(v51_project):
+    """A changed fine-tune setting reruns only the fine-tune and what follows (the latent cache is reused), and
+    the new version is compared with the champion in the same latent space and protocol."""
+    project, _, _ = v51_project
+    client = mlflow_client(project)
+    latents = (project / "data" / "v51_latents" / "index.json").stat().st_mtime
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["v51"]["train_steps"] = 6
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run([str(BIN / "easyanimate"), "pipeline"], project)
+    assert proc.returncode == 0
+    assert (project / "data" / "v51_latents" / "index.json").stat().st_mtime == latents
+    assert _json(project / "models" / "v51" / "finetune" / "train_summary.json")["steps"] == 6
+    registered = _json(project / "reports" / "v51_register" / "registered.json")
+    tags = client.get_model_version("easyanimate", registered["version"]).tags
+    assert registered["version"] != "1" and tags["promotion.champion_version"] == "1"
+    assert tags["promotion.latent_space"] == tags["promotion.champion_latent_space"] != ""
+    assert "re-evaluate" not in tags["promotion.reason"], tags["promotion.reason"]  # compared, not refused
+    rows = {row["metric"]: row for row in json.loads(tags["promotion.comparison"])}
+    assert rows["eval/val_loss"]["comparable"] and rows["eval/vae_psnr"]["comparable"]  # the family's own loss
