@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# GPU figures for the paper preset, in at most 8 minutes (each part in its own process with a timeout):
-#   1. DiT training steps, bf16, 256 px x 16 frames: step time, tokens/s, TFLOP/s, MFU, peak memory;
-#   2. Slice VAE decode of 512x512x144 with slicing on: peak GPU memory;
-#   3. the same decode with slicing off (OOM is reported, not fatal), and the unsliced/sliced ratio.
+# GPU figures, in at most 10 minutes (each part in its own process with a timeout; a part that would not fit the
+# budget left is skipped and said so):
+#   1. paper preset: DiT training steps, bf16, 256 px x 16 frames: step time, tokens/s, TFLOP/s, MFU, peak memory;
+#   2. paper preset: Slice VAE decode of 512x512x144 with slicing on: peak GPU memory;
+#   3. EasyAnimate V5.1 12B (released sizes, random weights, bf16): one process per v51.memory_mode (none,
+#      vae_slicing, vae_tiling, fp8_layerwise, model_cpu_offload, sequential_cpu_offload and two combinations),
+#      each denoising 2 steps at 512x512x49 with CFG and decoding: peak GPU memory, s/step (OOM is reported);
+#   4. the Slice VAE decode of part 2 with slicing off (OOM is reported, not fatal), and the unsliced/sliced ratio.
 # The Python side is benchmarks/gpu_bench.py; CI runs it on CPU at a tiny size (tests/test_gpu_bench.py).
 #
 # Usage:
@@ -16,7 +20,8 @@
 # diffusers/pydantic are missing there and .easyanimate/gpu-wheels holds wheels, they are installed into a
 # temporary folder (offline); with the device tool: carry [".easyanimate/gpu-wheels"].
 # Results: $GPU_BENCH_OUT, else $OUT (the device tool's folder), else .easyanimate/gpu-bench:
-# gpu_bench.log and gpu_bench.jsonl. Extra arguments per part: DIT_ARGS, VAE_ARGS (e.g. DIT_ARGS="--batch 8").
+# gpu_bench.log and gpu_bench.jsonl. Extra arguments per part: DIT_ARGS, VAE_ARGS, V51_ARGS (e.g. DIT_ARGS="--batch 8",
+# V51_ARGS="--steps 4"); V51_MODES replaces the list of memory modes (space-separated).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -99,6 +104,29 @@ run_part() {  # run_part NAME SECONDS required|optional gpu_bench.py-arguments..
     return 0
 }
 
+# The V5.1 memory modes: "none" is required, the others optional (a timeout there is a finding, e.g. the slow
+# sequential offload); each in a fresh process, so no hook, float8 cast or allocator state carries over.
+V51_DEFAULT_MODES=(none vae_slicing vae_tiling fp8_layerwise model_cpu_offload sequential_cpu_offload
+    model_cpu_offload+fp8_layerwise model_cpu_offload+fp8_layerwise+vae_tiling)
+run_v51_parts() {
+    local modes mode need
+    # shellcheck disable=SC2206  # V51_MODES is a word list on purpose
+    modes=(${V51_MODES:-${V51_DEFAULT_MODES[*]}})
+    if ! "$PY" -c 'from diffusers import AutoencoderKLMagvit, EasyAnimatePipeline, EasyAnimateTransformer3DModel
+import easyanimate.families.v51'; then
+        echo "!! V5.1: diffusers' EasyAnimate classes or easyanimate.families.v51 do not import (see above): skipped"
+        FAILED+=("V5.1 (imports)")
+        return 0
+    fi
+    for mode in "${modes[@]}"; do
+        need=optional
+        if [[ $mode == none ]]; then need=required; fi
+        # shellcheck disable=SC2086
+        run_part "V5.1 12B denoise 512x512x49, memory_mode $mode" "${V51_TIMEOUT_S:-75}" "$need" \
+            v51 --modes "$mode" "${smoke[@]}" ${V51_ARGS:-}
+    done
+}
+
 main() {
     echo "==== easyanimate GPU benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s"
     if command -v nvidia-smi >/dev/null; then
@@ -160,6 +188,7 @@ EOF
     # shellcheck disable=SC2086
     run_part "VAE decode 512x512x144, slicing on" "${VAE_TIMEOUT_S:-80}" required \
         vae --slicing on "${smoke[@]}" ${VAE_ARGS:-}
+    run_v51_parts
     # shellcheck disable=SC2086
     run_part "VAE decode 512x512x144, slicing off" "${VAE_FULL_TIMEOUT_S:-120}" optional \
         vae --slicing off "${smoke[@]}" ${VAE_ARGS:-}
@@ -175,7 +204,7 @@ EOF
 case ${1:-run} in
     fetch-wheels) fetch_wheels ;;
     run)
-        BUDGET=${GPU_BENCH_BUDGET_S:-465}  # 8 minutes minus a margin for start-up and the log
+        BUDGET=${GPU_BENCH_BUDGET_S:-555}  # 10 minutes minus a margin for start-up and the log
         SUMMARY_RESERVE_S=25
         OUT_DIR=${GPU_BENCH_OUT:-${OUT:-$REPO/.easyanimate/gpu-bench}}
         mkdir -p "$OUT_DIR"

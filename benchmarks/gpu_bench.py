@@ -1,13 +1,15 @@
-"""GPU figures for the paper preset: DiT training throughput / MFU, and Slice VAE decode memory.
+"""GPU figures for the paper preset: DiT training throughput / MFU, and Slice VAE decode memory; and for the
+EasyAnimate V5.1 family: peak GPU memory of a 12B denoising run per ``v51.memory_mode``.
 
 Run through ``benchmarks/gpu.sh`` on a GPU machine (each part in its own process, with a timeout):
 
     python benchmarks/gpu_bench.py dit [--resolution 256 --frames 16] [--batch 0 (auto)] [--peak-tflops X]
     python benchmarks/gpu_bench.py vae --slicing on|off [--size 512 --frames 144] [--dtype bf16|fp32]
+    python benchmarks/gpu_bench.py v51 --modes none fp8_layerwise ... [--size 512 --frames 49 --steps 2]
     python benchmarks/gpu_bench.py summary --json results.jsonl
 
-``--device cpu --tiny`` runs the same code at a tiny size (reduced depth/width DiT, narrow VAE) so that
-tests/test_gpu_bench.py keeps this script from rotting on machines without a GPU.
+``--device cpu --tiny`` runs the same code at a tiny size (reduced depth/width DiT, narrow VAE, a one-block V5.1
+transformer) so that tests/test_gpu_bench.py keeps this script from rotting on machines without a GPU.
 
 DiT: ``EasyAnimateTransformer3DModel`` from the paper preset's ``dit.model`` (motion module on), trained like
 ``easyanimate.training``: bf16 autocast over fp32 weights (accelerate's ``mixed_precision=bf16``), fp32 loss,
@@ -20,11 +22,22 @@ with the closed form in :func:`analytic_train_flops`; MFU = FLOPs per second / t
 VAE: ``SliceVAE`` from the paper preset's ``vae.model`` (random weights), decoding one 512x512x144 latent
 with slicing on or off; the figure is ``torch.cuda.max_memory_allocated``. Out-of-memory (or a kernel that
 refuses a tensor this large) is a reported result, not a crash.
+
+V5.1: diffusers' ``EasyAnimatePipeline`` around ``EasyAnimateTransformer3DModel`` and ``AutoencoderKLMagvit`` built
+with the released 12B sizes (``V51_TRANSFORMER_12B``, ``V51_VAE_12B``; random weights, bf16) and no text encoder:
+random Qwen2-VL-width prompt embeddings go in as ``prompt_embeds``, so the pipeline never tokenizes. Each memory
+mode is set by the project's own ``easyanimate.families.v51.apply_memory_mode`` on a freshly built pipeline, then one
+call denoises ``--steps`` steps at 512x512x49 (the longest clip the releases make) with classifier-free guidance and
+decodes; the figures are the peak allocated GPU memory of the call, the peak up to the last denoising step, what was
+resident before it, seconds per step and for the decode. OOM is a reported result; the offload modes need CUDA and
+are reported as skipped on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
@@ -560,6 +573,290 @@ def bench_vae(args) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------ V5.1 part
+# EasyAnimate V5.1 12B at the released checkpoint's sizes. Source: the defaults of diffusers' own
+# EasyAnimateTransformer3DModel and AutoencoderKLMagvit (diffusers 0.42.1; its docs load the release
+# alibaba-pai/EasyAnimateV5.1-12b-zh with these classes); the released transformer/config.json could not be read
+# here (no network). Cross-check, tests/test_gpu_bench.py on the meta device: these sizes give 11.80 B transformer
+# parameters = 23.6 GB in bf16 and 244.4 M VAE parameters = 978 MB in fp32, the sizes the Hub lists for
+# transformer/ and vae/diffusion_pytorch_model.safetensors of alibaba-pai/EasyAnimateV5.1-12b-zh-diffusers.
+V51_TRANSFORMER_12B = {
+    "num_attention_heads": 48,
+    "attention_head_dim": 64,  # hidden size 3072
+    "in_channels": 16,  # text-to-video: the VAE's latents (InP: 16 + 1 mask + 16 masked-video latents = 33)
+    "out_channels": 16,
+    "patch_size": 2,
+    "num_layers": 48,
+    "mmdit_layers": 48,  # every block is an MMDiT block: separate text and video weights
+    "time_embed_dim": 512,
+    "text_embed_dim": 3584,  # hidden size of Qwen2-VL-7B, the V5.1 text encoder
+}
+V51_VAE_12B = {
+    "latent_channels": 16,
+    "block_out_channels": (128, 256, 512, 512),  # 8x space, 4x time
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.7125,
+    "spatial_group_norm": True,
+}
+# Hub file sizes of alibaba-pai/EasyAnimateV5.1-12b-zh-diffusers (bytes, as listed, rounded).
+V51_RELEASE_FILE_BYTES = {"transformer": (23.6e9, torch.bfloat16), "vae": (978e6, torch.float32)}
+V51_TEXT_TOKENS = 256  # the pipeline's max_sequence_length (v51.max_sequence_length)
+# --tiny: the sizes of diffusers' own EasyAnimate tests (and tests/v51_tiny.py).
+V51_TINY_TRANSFORMER = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "patch_size": 2,
+    "num_layers": 1,
+    "mmdit_layers": 1,
+    "time_embed_dim": 8,
+    "text_embed_dim": 16,
+    "sample_width": 4,
+    "sample_height": 4,
+}
+V51_TINY_VAE = {
+    "latent_channels": 4,
+    "block_out_channels": (8, 8, 8, 8),
+    "layers_per_block": 1,
+    "norm_num_groups": 2,
+    "spatial_group_norm": False,
+}
+V51_TINY_TEXT_TOKENS = 16
+# Every single mode, and what the v5.1 preset runs with plus VAE tiling: the low-memory setting for a 24 GB GPU.
+V51_MODES = (
+    "none",
+    "vae_slicing",
+    "vae_tiling",
+    "fp8_layerwise",
+    "model_cpu_offload",
+    "sequential_cpu_offload",
+    "model_cpu_offload+fp8_layerwise",
+    "model_cpu_offload+fp8_layerwise+vae_tiling",
+)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules directly in ``dtype``: a 12B model never exists in float32 (47 GB)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def v51_components(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Random V5.1 transformer + MagViT VAE (+ its scheduler), built in place on ``device`` in ``dtype``."""
+    from diffusers import AutoencoderKLMagvit, EasyAnimateTransformer3DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        transformer = EasyAnimateTransformer3DModel(**(V51_TINY_TRANSFORMER if tiny else V51_TRANSFORMER_12B))
+        vae = AutoencoderKLMagvit(**(V51_TINY_VAE if tiny else V51_VAE_12B))
+    transformer.to(dtype).eval()
+    vae.to(dtype).eval()
+    # V5.1's scheduler: flow matching with shift 3 (the releases' scheduler_config.json).
+    return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)}
+
+
+def v51_build_device(tiny: bool, device: torch.device, dtype: torch.dtype, offload: bool) -> torch.device:
+    """Where to build: ``device``, except for an offload mode when the weights would not fit the GPU's free memory."""
+    if not offload or device.type != "cuda":
+        return device
+    from diffusers import AutoencoderKLMagvit, EasyAnimateTransformer3DModel
+
+    with torch.device("meta"):
+        count = sum(
+            p.numel()
+            for m in (
+                EasyAnimateTransformer3DModel(**(V51_TINY_TRANSFORMER if tiny else V51_TRANSFORMER_12B)),
+                AutoencoderKLMagvit(**(V51_TINY_VAE if tiny else V51_VAE_12B)),
+            )
+            for p in m.parameters()
+        )
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if free > 1.2 * count * torch.finfo(dtype).bits / 8 else torch.device("cpu")
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers wherever they are (float8 storage counts 1 byte each)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def host_peak_rss() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Linux/macOS
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def bench_v51(args) -> list[dict]:
+    device = torch.device(args.device)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # random weights: no from_pretrained, nothing to warn about
+    info = device_report(device)
+    print(f"device: {info['device_name']} | torch {info['torch']}", flush=True)
+    return [bench_v51_mode(args, device, info, mode) for mode in args.modes]
+
+
+def bench_v51_mode(args, device: torch.device, info: dict, memory_mode: str) -> dict:
+    from diffusers import EasyAnimatePipeline
+
+    from easyanimate.families.v51 import OFFLOAD_MODES, apply_memory_mode, parse_memory_mode
+
+    modes = parse_memory_mode(memory_mode, setting="--modes")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    text_tokens = V51_TINY_TEXT_TOKENS if args.tiny else V51_TEXT_TOKENS
+    result = {
+        "part": "v51",
+        **info,
+        "tiny": args.tiny,
+        "memory_mode": memory_mode,
+        "modes": modes,
+        "model": "tiny" if args.tiny else "EasyAnimate V5.1 12B (random weights)",
+        "dtype": args.dtype,
+        "size": args.size,
+        "frames": args.frames,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "text_tokens": text_tokens,
+        "tile_sample_min_size": args.tile_size if "vae_tiling" in modes else None,
+        "tile_sample_stride": args.tile_stride if "vae_tiling" in modes else None,
+        "status": "ok",
+        "message": "",
+    }
+    print(f"-- memory_mode {memory_mode}: {args.size}x{args.size}x{args.frames}, {args.steps} steps", flush=True)
+    offload = [m for m in modes if m in OFFLOAD_MODES]
+    if offload and device.type != "cuda" and not args.offload_on_cpu:
+        result.update(status="skipped", message=f"{'+'.join(offload)} offloads to a CUDA device; none on {device}")
+        print(f"result: SKIPPED ({result['message']})", flush=True)
+        return result
+
+    began = time.perf_counter()
+    try:
+        # Random init is fast on the GPU; the offload modes then keep the weights in CPU memory (their hooks move
+        # them), and are built there directly when the GPU could not hold them.
+        parts = v51_components(args.tiny, v51_build_device(args.tiny, device, dtype, bool(offload)), dtype)
+        if offload:
+            for module in (parts["transformer"], parts["vae"]):
+                module.to("cpu")
+        pipe = EasyAnimatePipeline(text_encoder=None, tokenizer=None, **parts)
+        pipe.set_progress_bar_config(disable=True)
+        transformer_bytes_built = module_bytes(pipe.transformer)
+        apply_memory_mode(
+            pipe, memory_mode, device=device, tile_sample_min_size=args.tile_size, tile_sample_stride=args.tile_stride
+        )
+        sync(device)
+    except RuntimeError as exc:  # the weights alone do not fit: a result too
+        if not is_out_of_memory(exc):
+            raise
+        result.update(status="oom", message="building the model: " + str(exc).strip().splitlines()[0][:300])
+        parts = pipe = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"result: {format_v51(result)}", flush=True)
+        return result
+    result["build_s"] = time.perf_counter() - began
+    result["transformer_params"] = sum(p.numel() for p in pipe.transformer.parameters())
+    result["transformer_weights_gib"] = gib(module_bytes(pipe.transformer))
+    result["transformer_weights_built_gib"] = gib(transformer_bytes_built)
+    result["vae_weights_gib"] = gib(module_bytes(pipe.vae))
+    exec_device = pipe._execution_device
+    text_dim = pipe.transformer.config.text_embed_dim
+    gen = torch.Generator(device=exec_device).manual_seed(0)
+    embeds = torch.randn(2, text_tokens, text_dim, generator=gen, device=exec_device).to(dtype)
+    mask = torch.ones(1, text_tokens, dtype=torch.long, device=exec_device)
+    print(
+        f"built in {result['build_s']:.1f} s: transformer {result['transformer_params'] / 1e9:.3f} B params, "
+        f"{fmt_gib(result['transformer_weights_gib'])} stored; VAE {fmt_gib(result['vae_weights_gib'])}",
+        flush=True,
+    )
+
+    marks: list[tuple[float, int | None]] = []
+
+    def on_step(_pipe, _step, _timestep, tensors):
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        marks.append((time.perf_counter(), peak))
+        return tensors
+
+    output = None
+    with PeakMemory(device) as mem:  # no inference_mode: the pipeline runs under its own no_grad, as in use
+        began = time.perf_counter()
+        try:
+            output = pipe(
+                prompt_embeds=embeds[:1],
+                prompt_attention_mask=mask,
+                negative_prompt_embeds=embeds[1:],
+                negative_prompt_attention_mask=mask,
+                num_frames=args.frames,
+                height=args.size,
+                width=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                generator=torch.Generator(device=exec_device).manual_seed(0),
+                output_type="pt",
+                callback_on_step_end=on_step,
+            ).frames
+            sync(device)
+        except RuntimeError as exc:  # OOM, or a kernel refusing a tensor this large
+            result["status"] = "oom" if is_out_of_memory(exc) else "error"
+            result["message"] = str(exc).strip().splitlines()[0][:300]
+        ended = time.perf_counter()
+    if output is not None:
+        result["output_shape"] = list(output.shape)
+        result["output_finite"] = bool(torch.isfinite(output).all())
+        if output.shape[1] != args.frames:
+            raise SystemExit(f"generated {output.shape[1]} frames, expected {args.frames}")
+    result.update(
+        peak_memory_gib=gib(mem.peak),
+        denoise_peak_memory_gib=gib(marks[-1][1]) if marks else None,
+        resident_before_gib=gib(mem.before),
+        host_peak_rss_gib=gib(host_peak_rss()),
+        steps_done=len(marks),
+        seconds=ended - began,
+        # The first step also pays for setup (kernel selection, the first offload transfers); the next ones do not.
+        step_s=(marks[-1][0] - marks[0][0]) / (len(marks) - 1) if len(marks) > 1 else None,
+        first_step_s=marks[0][0] - began if marks else None,
+        decode_s=ended - marks[-1][0] if marks and output is not None else None,
+    )
+    del pipe, parts, output, embeds
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(f"result: {format_v51(result)}", flush=True)
+    return result
+
+
+def format_v51(r: dict) -> str:
+    if r["status"] == "skipped":
+        return f"skipped: {r['message']}"
+    if r["status"] != "ok":
+        where = f" after {r['steps_done']} denoising steps" if r.get("steps_done") else ""
+        peak = "" if r.get("peak_memory_gib") is None else f", peak {r['peak_memory_gib']:.2f} GiB before it"
+        return f"{r['status'].upper()}{where}: {r['message']}{peak}"
+    step = "n/a" if r["step_s"] is None else f"{r['step_s']:.2f} s/step"
+    return (
+        f"peak {fmt_gib(r['peak_memory_gib'])} (denoising {fmt_gib(r['denoise_peak_memory_gib'])}, resident before "
+        f"{fmt_gib(r['resident_before_gib'])}), {step}, decode {r['decode_s']:.1f} s, transformer weights "
+        f"{fmt_gib(r['transformer_weights_gib'])}, host peak RSS {fmt_gib(r['host_peak_rss_gib'])}"
+    )
+
+
+def fmt_gib(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 0.1:
+        return f"{value:.2f} GiB"
+    return f"{value * 1024:.1f} MiB" if value * 1024 >= 0.1 else f"{value * 2**20:.1f} KiB"
+
+
 # ------------------------------------------------------------------------------------------ summary
 def summarize(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -597,7 +894,25 @@ def summarize(path: Path) -> str:
     on, off = vae.get(True), vae.get(False)
     if on and off and on["status"] == off["status"] == "ok" and on["peak_memory_gib"] and off["peak_memory_gib"]:
         lines.append(f"VAE peak memory unsliced / sliced: {off['peak_memory_gib'] / on['peak_memory_gib']:.1f}x")
+    lines += summarize_v51([r for r in rows if r["part"] == "v51"])
     return "\n".join(lines)
+
+
+def summarize_v51(rows: list[dict]) -> list[str]:
+    """One line per memory mode (the last result of each), in V51_MODES order, then any other modes."""
+    if not rows:
+        return ["V5.1: no result (failed or timed out: see its log above)"]
+    last = {r["memory_mode"]: r for r in rows}
+    r = rows[-1]
+    model = "tiny V5.1" if r["tiny"] else "V5.1 12B"
+    lines = [
+        f"{model} denoise {r['size']}x{r['size']}x{r['frames']}, {r['steps']} steps, CFG {r['guidance_scale']:g}, "
+        f"{r['dtype']}, then decode: peak GPU memory per v51.memory_mode"
+    ]
+    width = max(len(m) for m in last)
+    order = [m for m in V51_MODES if m in last] + [m for m in last if m not in V51_MODES]
+    lines += [f"  {mode:<{width}}  {format_v51(last[mode])}" for mode in order]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -628,6 +943,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     vae.add_argument("--frames", type=int, help="output frames (default 144; --tiny: 16)")
     vae.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
 
+    v51 = sub.add_parser("v51", parents=[common], help="EasyAnimate V5.1 12B denoising peak memory per memory mode")
+    v51.add_argument("--modes", nargs="+", default=list(V51_MODES), help="v51.memory_mode values, each a fresh model")
+    v51.add_argument("--size", type=int, help="output pixels, square (default 512; --tiny: 64)")
+    v51.add_argument("--frames", type=int, help="output frames, 1 + 4k (default 49, the releases' longest; --tiny: 9)")
+    v51.add_argument("--steps", type=int, default=2, help="denoising steps")
+    v51.add_argument("--guidance", type=float, default=6.0, help="> 1: classifier-free guidance (batch of 2)")
+    v51.add_argument("--tile-size", type=int, help="vae_tiling tile edge in pixels (default 256; --tiny: 32)")
+    v51.add_argument("--tile-stride", type=int, help="vae_tiling tile stride in pixels (default 192; --tiny: 24)")
+    v51.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    v51.add_argument(
+        "--offload-on-cpu",
+        action="store_true",
+        help="tests: run the offload modes' hooks with the CPU as their compute device instead of skipping them",
+    )
+
     summary = sub.add_parser("summary", help="print the figures gathered in --json")
     summary.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -636,10 +966,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     elif args.part == "vae":
         args.size = args.size or (64 if args.tiny else 512)
         args.frames = args.frames or (16 if args.tiny else 144)
+    elif args.part == "v51":
+        args.size = args.size or (64 if args.tiny else 512)
+        args.frames = args.frames or (9 if args.tiny else 49)
+        # Below the VAE's own 512 px tiles nothing is tiled at 512x512: vae_tiling is measured with smaller tiles.
+        args.tile_size = args.tile_size or (32 if args.tiny else 256)
+        args.tile_stride = args.tile_stride or (24 if args.tiny else 192)
+        if (args.frames - 1) % 4 or args.size % 16:
+            parser.error(f"v51: --frames must be 1 + 4k and --size a multiple of 16 (got {args.frames}, {args.size})")
     return args
 
 
-def main(argv=None) -> dict | None:
+def main(argv=None) -> dict | list[dict] | None:
+    """The part's result (v51: one result per memory mode), appended to ``--json`` one line each."""
     args = parse_args(argv)
     if args.part == "summary":
         print(summarize(args.json))
@@ -649,11 +988,12 @@ def main(argv=None) -> dict | None:
             f"no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); "
             "this part needs a GPU, or --device cpu --tiny for a smoke run"
         )
-    result = bench_dit(args) if args.part == "dit" else bench_vae(args)
+    result = {"dit": bench_dit, "vae": bench_vae, "v51": bench_v51}[args.part](args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "a") as handle:  # one line per part; gpu.sh runs parts one after another
-            handle.write(json.dumps(result) + "\n")
+        with open(args.json, "a") as handle:  # one line per result; gpu.sh runs parts one after another
+            for row in result if isinstance(result, list) else [result]:
+                handle.write(json.dumps(row) + "\n")
     return result
 
 

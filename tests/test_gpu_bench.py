@@ -118,3 +118,80 @@ def test_gpu_sh_exits_with_a_clear_message_without_cuda(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "ERROR: no CUDA device visible" in proc.stdout
     assert (tmp_path / "gpu_bench.log").read_text() == proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- V5.1 part
+def test_v51_sizes_are_the_released_12b():
+    """The 12B sizes the V5.1 part builds give the parameter counts of the release's weight files (bf16 transformer,
+    fp32 VAE), as the Hub lists them for alibaba-pai/EasyAnimateV5.1-12b-zh-diffusers."""
+    from diffusers import AutoencoderKLMagvit
+    from diffusers import EasyAnimateTransformer3DModel as V51Transformer
+
+    with torch.device("meta"):
+        transformer = V51Transformer(**gpu_bench.V51_TRANSFORMER_12B)
+        vae = AutoencoderKLMagvit(**gpu_bench.V51_VAE_12B)
+    for name, model in (("transformer", transformer), ("vae", vae)):
+        file_bytes, dtype = gpu_bench.V51_RELEASE_FILE_BYTES[name]
+        params = sum(p.numel() for p in model.parameters())
+        assert params * torch.finfo(dtype).bits / 8 == pytest.approx(file_bytes, rel=0.002), name
+    assert transformer.config.num_attention_heads * transformer.config.attention_head_dim == 3072
+    assert vae.spatial_compression_ratio == 8 and vae.temporal_compression_ratio == 4
+
+
+V51_ARGS = ["v51", "--device", "cpu", "--tiny", "--dtype", "fp32", "--steps", "2"]  # fp32: CPU bf16 convs are slow
+
+
+def test_v51_part_runs_tiny_on_cpu(one_torch_thread, tmp_path):
+    out = tmp_path / "results.jsonl"
+    modes = ["none", "vae_slicing", "vae_tiling", "fp8_layerwise", "model_cpu_offload", "sequential_cpu_offload"]
+    rows = gpu_bench.main([*V51_ARGS, "--modes", *modes, "--json", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == json.loads(json.dumps(rows))
+    got = {r["memory_mode"]: r for r in rows}
+    assert list(got) == modes
+    for mode in ("none", "vae_slicing", "vae_tiling", "fp8_layerwise"):
+        r = got[mode]
+        assert r["status"] == "ok", r
+        # 64 px x 9 frames: the MagViT VAE's 1 + 4k frames, (batch, frames, channels, height, width).
+        assert r["output_shape"] == [1, 9, 3, 64, 64] and r["output_finite"]
+        assert r["steps_done"] == 2 and r["peak_memory_gib"] is None  # no allocator statistics on a CPU
+    # fp8 layerwise storage: the transformer's big weights take 1 byte instead of 4 (norms, patch embedding and
+    # output projection stay in the compute dtype, as diffusers skips them).
+    assert got["fp8_layerwise"]["transformer_weights_gib"] < 0.5 * got["none"]["transformer_weights_gib"]
+    assert got["fp8_layerwise"]["transformer_weights_built_gib"] == got["none"]["transformer_weights_gib"]
+    assert got["vae_tiling"]["tile_sample_min_size"] == 32 < 64  # smaller than the frame: really tiled
+    for mode in ("model_cpu_offload", "sequential_cpu_offload"):
+        assert got[mode]["status"] == "skipped" and "CUDA" in got[mode]["message"]
+    summary = gpu_bench.summarize(out)
+    assert "tiny V5.1 denoise 64x64x9, 2 steps, CFG 6" in summary
+    assert "  model_cpu_offload       skipped: model_cpu_offload offloads to a CUDA device" in summary
+    assert "  none                    peak n/a (denoising n/a, resident before n/a)" in summary
+
+
+def test_v51_offload_hooks_and_oom(one_torch_thread, tmp_path, monkeypatch):
+    """The offload modes' diffusers hooks with the CPU as compute device (what the GPU run does, minus CUDA), and an
+    out-of-memory call reported as a figure."""
+    from diffusers import EasyAnimatePipeline
+
+    out = tmp_path / "results.jsonl"
+    modes = ["model_cpu_offload+fp8_layerwise+vae_tiling", "sequential_cpu_offload"]
+    rows = gpu_bench.main([*V51_ARGS, "--offload-on-cpu", "--modes", *modes, "--json", str(out)])
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert all(r["output_shape"] == [1, 9, 3, 64, 64] for r in rows)
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 60.00 GiB")
+
+    monkeypatch.setattr(EasyAnimatePipeline, "__call__", out_of_memory)
+    [row] = gpu_bench.main([*V51_ARGS, "--modes", "none", "--json", str(out)])
+    assert row["status"] == "oom" and "Tried to allocate" in row["message"] and "output_shape" not in row
+    lines = {line.split()[0]: line for line in gpu_bench.summarize(out).splitlines() if line.startswith("  ")}
+    assert lines["none"].endswith("OOM: CUDA out of memory. Tried to allocate 60.00 GiB")
+    assert "peak n/a" in lines["sequential_cpu_offload"]
+
+    # Weights that do not fit the GPU at all are a result as well.
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 23.60 GiB")
+
+    monkeypatch.setattr(gpu_bench, "v51_components", no_room)
+    [row] = gpu_bench.main([*V51_ARGS, "--modes", "fp8_layerwise"])
+    assert row["status"] == "oom" and row["message"].startswith("building the model: CUDA out of memory")
