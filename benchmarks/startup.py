@@ -2,10 +2,11 @@
 
 Curates one video (give a ~5 s clip) three ways in fresh temporary workspaces, in this one run:
 - the work itself: ``curate_dataset`` called in-process (after imports), the library's whole curation;
-- ``easyanimate curate RAW OUT``, first command in a fresh workspace (new MLflow and Prefect databases) and
-  then again with a new output folder (warm databases; what every later command pays);
-- the same warm command with the workspace's own Prefect server running (``make prefect-up``), which every
-  command adopts instead of starting a temporary one.
+- ``easyanimate curate RAW OUT`` with a temporary Prefect server per command (``EASYANIMATE_PREFECT_SERVER=
+  temporary``; what older checkouts always do): first in a fresh workspace (new MLflow and Prefect databases),
+  then again with new output folders (warm databases; the median of ``--repeats``);
+- the same with the default ``prefect.server: workspace``: the first command starts the workspace's Prefect
+  server, later commands reuse it (stopped at the end, as ``make prefect-down`` does).
 Prints seconds and the overhead beyond the work. ``--code DIR`` runs the commands from another checkout
 (e.g. a ``git worktree`` of an older commit) to compare before and after on the same machine and load.
 """
@@ -13,14 +14,15 @@ Prints seconds and the overhead beyond the work. ``--code DIR`` runs the command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import socket
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -37,7 +39,11 @@ print(time.perf_counter() - began)
 
 
 def env_for(workspace: Path, code: Path | None, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "EASYANIMATE_PREFECT_SERVER")
+    }
     env.update(EASYANIMATE_STATE_DIR=str(workspace / ".easyanimate"), PATH=f"{BIN}{os.pathsep}{env['PATH']}", **extra)
     if code:
         env["PYTHONPATH"] = str(code)
@@ -66,40 +72,31 @@ def workspace_with(video: Path, root: Path, name: str) -> Path:
     return workspace
 
 
-def start_prefect_server(workspace: Path) -> subprocess.Popen:
-    """What ``infra/prefect_local.sh up`` leaves behind: a server, its pid and URL in the state folder."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    state = workspace / ".easyanimate"
-    env = env_for(workspace, None, PREFECT_HOME=str(state / "prefect-server"))
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
-        cwd=workspace,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1):
+def stop_workspace_server(workspace: Path) -> None:
+    """What ``make prefect-down`` does: end the workspace server's process group."""
+    pid_file = workspace / ".easyanimate" / "prefect-server.pid"
+    if pid_file.exists():
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        for _ in range(100):  # the supervisor removes its files once the server is down
+            if not pid_file.exists():
                 break
-        except OSError:
-            time.sleep(0.5)
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "prefect-server.pid").write_text(str(server.pid))
-    (state / "prefect-server.url").write_text(url)
-    return server
+            time.sleep(0.2)
+
+
+def median_of(workspace: Path, outs: list[str], code: Path | None, **extra: str) -> float:
+    return statistics.median(command(workspace, out, code, **extra) for out in outs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video", type=Path)
     parser.add_argument("--code", type=Path, help="checkout whose easyanimate runs the commands")
+    parser.add_argument("--repeats", type=int, default=3, help="warm commands per mode (their median is shown)")
     args = parser.parse_args()
     code = args.code.resolve() if args.code else None
+    warm_outs = [f"warm{i}" for i in range(args.repeats)]
+    rows = []
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
         root = Path(tmp)
         workspace = workspace_with(args.video.resolve(), root, "work")
@@ -113,24 +110,22 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(proc.stderr[-4000:])
         work = float(proc.stdout.strip().splitlines()[-1])
-        workspace = workspace_with(args.video.resolve(), root, "cli")
-        cold = command(workspace, "out1", code)
-        warm = command(workspace, "out2", code)
-        served = None
-        if code is None:
-            server = start_prefect_server(workspace)
+        # A temporary Prefect server per command (what older checkouts always do).
+        temporary = {"EASYANIMATE_PREFECT_SERVER": "temporary"}
+        workspace = workspace_with(args.video.resolve(), root, "temporary")
+        rows.append(("temporary server: fresh workspace", command(workspace, "cold", code, **temporary)))
+        rows.append(("temporary server: warm workspace (median)", median_of(workspace, warm_outs, code, **temporary)))
+        if code is None:  # the default: the first command starts the workspace's server, later ones reuse it
+            workspace = workspace_with(args.video.resolve(), root, "workspace")
             try:
-                served = command(workspace, "out3", code)
+                rows.append(("workspace server: first command (starts it)", command(workspace, "cold", code)))
+                rows.append(("workspace server: later commands (median)", median_of(workspace, warm_outs, code)))
             finally:
-                os.killpg(server.pid, 15)
-                server.wait()
+                stop_workspace_server(workspace)
     print(f"code: {code or 'this checkout'}; video: {args.video.name}")
-    print(f"the work (curate_dataset in-process)          {work:7.1f} s")
-    rows = [("command, fresh workspace", cold), ("command, warm workspace", warm)]
-    if served is not None:
-        rows.append(("command, workspace Prefect server adopted", served))
+    print(f"the work (curate_dataset in-process)                {work:7.1f} s")
     for label, seconds in rows:
-        print(f"{label:45s} {seconds:7.1f} s   overhead {seconds - work:6.1f} s")
+        print(f"{label:51s} {seconds:7.1f} s   overhead {seconds - work:6.1f} s")
 
 
 if __name__ == "__main__":

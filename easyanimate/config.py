@@ -70,6 +70,7 @@ class PathsConfig(_Section):
     pipeline: Path = Path("models/pipeline")
     # model.family easyanimate-v5.1: the MagViT latent cache, the fine-tune's output, the assembled pipeline.
     v51_latents: Path = Path("data/v51_latents")
+    v51_vae: Path = Path("models/v51/vae")
     v51_finetune: Path = Path("models/v51/finetune")
     v51_pipeline: Path = Path("models/v51/pipeline")
     reports: Path = Path("reports")
@@ -602,6 +603,19 @@ class ServeConfig(_Section):
     poll_s: float = Field(0.1, gt=0, le=5, description="how often a waiting request checks its client and deadline")
 
 
+class PrefectConfig(_Section):
+    """How commands reach a Prefect server (``easyanimate/prefect_server.py``); ``PREFECT_API_URL`` always wins."""
+
+    server: Literal["workspace", "temporary"] = Field(
+        "workspace",
+        description="workspace: the first command starts this workspace's server and later ones reuse it (saves "
+        "its start-up on every command); temporary: Prefect starts and stops one per command "
+        "($EASYANIMATE_PREFECT_SERVER overrides)",
+    )
+    server_idle_s: float = Field(1800.0, gt=0, description="the workspace server stops after this long unused")
+    start_timeout_s: float = Field(120.0, gt=0, description="how long a command waits for the server to start")
+
+
 FAMILIES = ("native", "easyanimate-v5.1")
 
 
@@ -659,6 +673,12 @@ class V51Config(_Section):
         "lora", description="v51_finetune stage: a peft LoRA on the transformer, or every transformer weight"
     )
     full_learning_rate: float = Field(1e-5, gt=0, description="learning rate of finetune: full")
+    vae_decoder_steps: int = Field(
+        0, ge=0, description="v51_vae stage: steps fine-tuning the MagViT decoder on the clips; 0 keeps the release's"
+    )
+    vae_learning_rate: float = Field(1e-5, gt=0, description="learning rate of the decoder fine-tune")
+    vae_num_frames: int = Field(9, ge=1, description="1 + 4k frames per decoder fine-tune step")
+    vae_crop: int = Field(256, ge=16, description="square crop (pixels, multiple of 16) per decoder fine-tune step")
     eval_sigmas: tuple[float, ...] = Field(
         (0.25, 0.5, 0.75), description="flow-matching noise levels the validation loss is averaged over"
     )
@@ -686,7 +706,9 @@ class V51Config(_Section):
             raise ValueError(f"memory_mode: unknown {unknown}; join any of {list(self.memory_modes())} with '+'")
         if "model_cpu_offload" in parts and "sequential_cpu_offload" in parts:
             raise ValueError("memory_mode: model_cpu_offload and sequential_cpu_offload exclude each other")
-        for key in ("num_frames", "train_num_frames"):
+        if self.vae_crop % 16:
+            raise ValueError(f"vae_crop={self.vae_crop}: must be a multiple of 16 (the MagViT's 8x and its blocks)")
+        for key in ("num_frames", "train_num_frames", "vae_num_frames"):
             if (getattr(self, key) - 1) % VAE_TEMPORAL_COMPRESSION:
                 raise ValueError(f"{key}={getattr(self, key)}: the MagViT VAE takes 1 + 4k frames (1, 5, 9, ..., 49)")
         if not self.eval_sigmas or not all(0 < s < 1 for s in self.eval_sigmas):
@@ -712,6 +734,7 @@ class Settings(_Section):
     serve: ServeConfig = ServeConfig()
     model: ModelConfig = ModelConfig()
     v51: V51Config = V51Config()
+    prefect: PrefectConfig = PrefectConfig()
 
     @model_validator(mode="after")
     def _generate_within_limits(self) -> "Settings":

@@ -184,6 +184,34 @@ STAGES: tuple[StageSpec, ...] = (
 _V51_MODEL = ("v51.model_dir", "v51.dtype")
 STAGES += (
     StageSpec(
+        "v51_vae",
+        "easyanimate.families.v51_vae:run_stage",
+        ("curated",),
+        ("v51_vae",),
+        (
+            "v51.model_dir",
+            "v51.vae_decoder_steps",
+            "v51.vae_learning_rate",
+            "v51.vae_num_frames",
+            "v51.vae_crop",
+            "v51.weight_decay",
+            "v51.max_grad_norm",
+            "v51.checkpoint_every",
+            "v51.seed",
+            "v51.train_height",
+            "v51.train_width",
+            "v51.train_num_frames",
+            "v51.bucket_aspect_ratios",
+            "v51.sample_fps",
+            "v51.data_dir",
+            "curate.video_extensions",
+        ),
+        trains=True,
+        plots=_LOSS,
+        family=V51,
+        description="V5.1: optional decoder fine-tune of the released MagViT VAE (v51.vae_decoder_steps; 0 keeps it)",
+    ),
+    StageSpec(
         "v51_latents",
         "easyanimate.families.v51_latents:run_stage",
         ("curated",),
@@ -236,7 +264,7 @@ STAGES += (
     StageSpec(
         "v51_evaluate",
         "easyanimate.families.v51_evaluate:run_stage",
-        ("curated", "v51_latents", "v51_finetune"),
+        ("curated", "v51_vae", "v51_latents", "v51_finetune"),
         ("v51_pipeline",),
         (
             *_V51_MODEL,

@@ -81,8 +81,13 @@ def close_dangling_runs(settings: Settings) -> list[str]:
     """Mark KILLED every run of this workspace still RUNNING from another process.
 
     Call with the workspace lock held: every run-writing command holds it, so such a run's process died
-    (``kill -9``, power loss) without ending it. Returns the closed run ids.
+    (``kill -9``, power loss) without ending it. Returns the closed run ids. Skipped (the common case) when the
+    lock's previous holder let go of it: only a killed holder can have left a run RUNNING.
     """
+    from easyanimate.workspace import previous_holder_released
+
+    if previous_holder_released():
+        return []
     client = setup_mlflow(settings)
     experiment = client.get_experiment_by_name(settings.registry.experiment)
     if experiment is None:

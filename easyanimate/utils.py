@@ -70,7 +70,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         yield tmp
         # Some writers (safetensors) create 0600 files whatever the umask: the finished folder gets plain modes.
         for item in [tmp, *tmp.rglob("*")]:
-            if not item.is_symlink():
+            # A hard link (``link_or_copy``) is someone else's file too, e.g. a released checkpoint: left as it is.
+            if not item.is_symlink() and (item.is_dir() or item.stat().st_nlink == 1):
                 _honour_umask(item, directory=item.is_dir())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -83,6 +84,16 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    """``shutil.copytree``'s ``copy_function`` that hard-links (no second copy of large weights), or copies where
+    links are not possible (another file system)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def hash_path(path: str | Path, chunk: int = 1 << 20) -> str:

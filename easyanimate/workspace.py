@@ -29,6 +29,7 @@ LOCK_NAME = "workspace.lock"
 HOLDER_NAME = "workspace.lock.json"
 _guard = threading.Lock()
 _locks: dict[Path, FileLock] = {}
+_previous_released: dict[Path, bool] = {}  # per state folder, set when this process takes the lock
 
 
 class WorkspaceBusy(RuntimeError):
@@ -79,17 +80,28 @@ def workspace_lock(command: str | None = None, wait: bool = False, timeout: floa
             f"workspace {folder.parent} is busy: {describe_holder(holder(folder))} holds {folder / LOCK_NAME}; "
             + ("still busy after waiting" if wait else "rerun with --wait to queue behind it")
         ) from None
+    record = None
     try:
         if outermost:
-            atomic_write_json(
-                folder / HOLDER_NAME,
-                {
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                    "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                },
-            )
+            previous = holder(folder)
+            _previous_released[folder] = previous is None or bool(previous.get("released"))
+            record = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            atomic_write_json(folder / HOLDER_NAME, record)
         yield folder
     finally:
+        if record is not None:  # a holder that was killed never gets here: the next one cleans up after it
+            record["released"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            with contextlib.suppress(OSError):
+                atomic_write_json(folder / HOLDER_NAME, record)
         lock.release()
+
+
+def previous_holder_released(folder: Path | None = None) -> bool:
+    """Whether the process that held the lock before the current hold let go of it (or nobody held it before),
+    i.e. no killed command can have left anything half-done. False unless this process holds the lock now."""
+    return _previous_released.get(folder or state_dir(), False)

@@ -12,6 +12,9 @@ _STATE = Path(tempfile.mkdtemp(prefix="easyanimate-test-state-"))
 os.environ.setdefault("EASYANIMATE_STATE_DIR", str(_STATE))
 os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Each test workspace would start (and keep, until idle) its own Prefect server: tests use Prefect's temporary
+# per-command server instead; tests/test_prefect_server.py runs the default workspace server on purpose.
+os.environ.setdefault("EASYANIMATE_PREFECT_SERVER", "temporary")
 
 from easyanimate.runtime import configure_environment  # noqa: E402
 

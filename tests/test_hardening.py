@@ -229,11 +229,13 @@ OPEN_RUN = textwrap.dedent(
     import sys, time, mlflow
     from easyanimate.config import load_settings
     from easyanimate.tracking import setup_mlflow, workspace_tags
+    from easyanimate.workspace import workspace_lock
     settings = load_settings(sys.argv[1])
-    setup_mlflow(settings)
-    run = mlflow.start_run(run_name="vae_stage1", tags=workspace_tags())
-    print(run.info.run_id, flush=True)
-    time.sleep(120)
+    with workspace_lock("easyanimate run vae_stage1"):
+        setup_mlflow(settings)
+        run = mlflow.start_run(run_name="vae_stage1", tags=workspace_tags())
+        print(run.info.run_id, flush=True)
+        time.sleep(120)
     """
 )
 
@@ -243,6 +245,7 @@ def test_runs_of_a_killed_process_are_marked_killed(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from easyanimate.tracking import close_dangling_runs, workspace_tags
+    from easyanimate.workspace import previous_holder_released, workspace_lock
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -260,13 +263,18 @@ def test_runs_of_a_killed_process_are_marked_killed(tmp_path, monkeypatch):
         settings = load_settings(REPO / "params.yaml")
         client = MlflowClient(uri)
         assert client.get_run(killed_run).info.status == "RUNNING"
-        with mlflow.start_run(run_name="mine", tags=workspace_tags()) as mine:  # this process's own open run
-            closed = close_dangling_runs(settings)
-            assert closed == [killed_run]
-            assert client.get_run(mine.info.run_id).info.status == "RUNNING"
+        with workspace_lock("next command"):  # the killed holder never let go: its runs are closed
+            assert not previous_holder_released()
+            with mlflow.start_run(run_name="mine", tags=workspace_tags()) as mine:  # this process's own open run
+                closed = close_dangling_runs(settings)
+                assert closed == [killed_run]
+                assert client.get_run(mine.info.run_id).info.status == "RUNNING"
         run = client.get_run(killed_run)
         assert run.info.status == "KILLED" and run.info.end_time is not None
         assert "died" in run.data.tags["easyanimate.closed_by"]
         assert close_dangling_runs(settings) == []
+        with workspace_lock("a later command"):  # the last holder let go: nothing to look for (no MLflow query)
+            assert previous_holder_released()
+            assert close_dangling_runs(settings) == []
     finally:
         mlflow.set_tracking_uri(previous)

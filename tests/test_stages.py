@@ -42,7 +42,7 @@ def test_each_model_family_has_its_own_dag_sharing_curation(tmp_path):
     native, v51 = stage_names_for("native"), stage_names_for("easyanimate-v5.1")
     assert native[0] == v51[0] == "curate" and set(native) & set(v51) == {"curate"}
     assert set(native) | set(v51) == set(STAGE_NAMES)
-    assert v51 == ("curate", "v51_latents", "v51_finetune", "v51_evaluate", "v51_register")
+    assert v51 == ("curate", "v51_vae", "v51_latents", "v51_finetune", "v51_evaluate", "v51_register")
     for name in v51[1:]:  # each V5.1 stage reads only outputs of the V5.1 DAG (or curation)
         assert set(upstream_stages(name)) <= set(v51), name
     # dvc.yaml follows the family in the params file; switching it makes the committed dvc.yaml stale.

@@ -36,6 +36,10 @@ V51_PARAMS = {
         "learning_rate": 0.01,
         "eval_num_samples": 1,
         "max_sequence_length": 32,
+        "vae_decoder_steps": 3,
+        "vae_num_frames": 5,
+        "vae_crop": 32,
+        "vae_learning_rate": 0.001,
     },
     "generate": {"height": 32, "width": 32, "num_inference_steps": 2, "fps": 4},
     # The plumbing, not the quality of a random tiny release: loose gates.
@@ -65,9 +69,19 @@ def _json(path: Path) -> dict:
 
 
 def test_v51_pipeline_runs_only_its_own_stages(v51_project):
-    project, proc, _ = v51_project
+    import torch
+
+    project, proc, release = v51_project
     dvc = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    assert list(dvc) == ["dvc_yaml_check", "curate", "v51_latents", "v51_finetune", "v51_evaluate", "v51_register"]
+    assert list(dvc) == [
+        "dvc_yaml_check",
+        "curate",
+        "v51_vae",
+        "v51_latents",
+        "v51_finetune",
+        "v51_evaluate",
+        "v51_register",
+    ]
     assert not (project / "models" / "vae").exists() and not (project / "models" / "dit").exists()
 
     index = _json(project / "data" / "v51_latents" / "index.json")
@@ -85,6 +99,16 @@ def test_v51_pipeline_runs_only_its_own_stages(v51_project):
     assert summary["mode"] == "lora" and summary["steps"] == 4 and all(np.isfinite(summary["losses"]))
     assert (finetune / "pytorch_lora_weights.safetensors").is_file()
     assert (project / "models" / "v51" / "pipeline" / "model_index.json").is_file()
+
+    # The decoder fine-tune: only decoder weights moved, and the assembled pipeline ships that VAE.
+    from safetensors.torch import load_file
+
+    vae_summary = _json(project / "models" / "v51" / "vae" / "train_summary.json")
+    assert vae_summary["fine_tuned"] and vae_summary["steps"] == 3 and all(np.isfinite(vae_summary["losses"]))
+    tuned = load_file(next((project / "models" / "v51" / "pipeline" / "vae").glob("*.safetensors")))
+    base = load_file(next((release / "vae").glob("*.safetensors")))
+    changed = {k for k in base if not torch.equal(tuned[k].float(), base[k].float())}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
 
     metrics = _json(project / "reports" / "v51_evaluate" / "metrics.json")
     for key in ("eval/vae_psnr", "eval/val_loss", "eval/val_loss_base", "eval/flicker", "eval/val_loss_sigma0.5"):
@@ -147,6 +171,7 @@ def test_v51_full_finetune_replaces_the_transformer_and_registers_no_adapter(v51
             "paths": {
                 "curated": str(project / "data" / "curated"),
                 "v51_latents": str(project / "data" / "v51_latents"),
+                "v51_vae": str(project / "models" / "v51" / "vae"),
                 "v51_finetune": str(tmp_path / "full"),
                 "v51_pipeline": str(tmp_path / "pipeline"),
                 "reports": str(tmp_path / "reports"),

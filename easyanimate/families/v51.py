@@ -556,6 +556,43 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
 
 
+def save_checkpoint(
+    root: Path,
+    step: int,
+    losses: list[float],
+    save_weights: Callable[[Path], None],
+    optimizer: torch.optim.Optimizer,
+    keep: int = 2,
+) -> Path:
+    """``root/step-N/``: the trained weights (``save_weights(folder)``), the optimizer and the losses so far,
+    written beside and renamed into place (a kill never leaves a half checkpoint); only the newest ``keep`` stay."""
+    tmp = root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+    final = root / f"step-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in _checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resume_checkpoint(
+    root: Path | None, load_weights: Callable[[Path], None], optimizer: torch.optim.Optimizer, device
+) -> tuple[int, list[float]]:
+    """``(step, losses)`` of the newest checkpoint in ``root``, its weights and optimizer state loaded; (0, [])."""
+    if root is None or not _checkpoints(root):
+        return 0, []
+    last = _checkpoints(root)[-1]
+    load_weights(last)
+    optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location=device))
+    progress = json.loads((last / "progress.json").read_text())
+    return progress["step"], progress["losses"]
+
+
 @dataclass
 class LatentSample:
     """One training (or held-out) sample as the latent cache holds it: the MagViT posterior of its frames (unscaled
@@ -744,18 +781,15 @@ def train_v51_transformer(
             state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in transformer.state_dict().items()}
             save_file(state, folder / "transformer.safetensors")
 
-    start, losses = 0, []
-    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_root is not None and _checkpoints(ckpt_root):
-        last = _checkpoints(ckpt_root)[-1]
+    def load_weights(folder: Path) -> None:
         if mode == "lora":
-            state = {k[len(LORA_PREFIX) :]: v for k, v in load_file(str(last / LORA_WEIGHTS_NAME)).items()}
+            state = {k[len(LORA_PREFIX) :]: v for k, v in load_file(str(folder / LORA_WEIGHTS_NAME)).items()}
             set_peft_model_state_dict(transformer, state)
         else:
-            transformer.load_state_dict(load_file(str(last / "transformer.safetensors")))
-        optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True, map_location=device))
-        progress = json.loads((last / "progress.json").read_text())
-        start, losses = progress["step"], progress["losses"]
+            transformer.load_state_dict(load_file(str(folder / "transformer.safetensors")))
+
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, losses = resume_checkpoint(ckpt_root, load_weights, optimizer, device)
 
     transformer.train()
     for step in range(start, cfg.train_steps):
@@ -788,17 +822,7 @@ def train_v51_transformer(
             log(step + 1, losses[-1])
         done = step + 1
         if ckpt_root is not None and (done % cfg.checkpoint_every == 0 or done == cfg.train_steps):
-            tmp = ckpt_root / f".step-{done}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_weights(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "progress.json").write_text(json.dumps({"step": done, "losses": losses}))
-            final = ckpt_root / f"step-{done}"
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in _checkpoints(ckpt_root)[:-keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            save_checkpoint(ckpt_root, done, losses, save_weights, optimizer, keep_checkpoints)
     transformer.eval()
 
     out = Path(output_dir)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from easyanimate.families.v51 import (
 )
 from easyanimate.families.v51_latents import clips_by_split, load_latent_cache
 from easyanimate.stage_api import StageContext, StageResult, write_reports
-from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_text
+from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_text, link_or_copy
 
 PROTOCOL_SETTINGS = (
     "evaluate.seed",
@@ -66,23 +65,19 @@ def latent_space_id(model_dir: Path) -> str:
     return "magvit-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed: a real copy
-        shutil.copy2(src, dst)
-    return dst
-
-
-def assemble_v51_pipeline(base: Path, finetune: Path, out: Path) -> Path:
-    """The release folder with a full fine-tune's ``transformer/`` in place of its own (a LoRA leaves it as is)."""
+def assemble_v51_pipeline(base: Path, vae: Path, finetune: Path, out: Path) -> Path:
+    """The release folder with the ``v51_vae`` stage's VAE and a full fine-tune's ``transformer/`` in place of its
+    own (a LoRA leaves the transformer as it is)."""
     with atomic_directory(out) as tmp:
         (tmp / "model_index.json").write_bytes((base / "model_index.json").read_bytes())
         for sub in SUBFOLDERS:
-            source = (
-                finetune / "transformer" if sub == "transformer" and (finetune / "transformer").is_dir() else base / sub
-            )
-            shutil.copytree(source, tmp / sub, copy_function=_link_or_copy)
+            source = base / sub
+            if sub == "transformer" and (finetune / "transformer").is_dir():
+                source = finetune / "transformer"
+            elif sub == "vae":
+                source = vae
+            shutil.copytree(source, tmp / sub, copy_function=link_or_copy)
+            (tmp / sub / "train_summary.json").unlink(missing_ok=True)
     return out
 
 
@@ -229,7 +224,7 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
     from easyanimate.evaluation.report import evaluation_markdown
 
     base = check_v51_folder(settings.v51.model_dir)
-    assemble_v51_pipeline(base, settings.paths.v51_finetune, settings.paths.v51_pipeline)
+    assemble_v51_pipeline(base, settings.paths.v51_vae, settings.paths.v51_finetune, settings.paths.v51_pipeline)
     finetune = settings.paths.v51_finetune
     adapter = finetune if (finetune / LORA_WEIGHTS_NAME).is_file() else None
     report = evaluate_v51(settings, ctx.report_dir, settings.paths.v51_pipeline, adapter)
