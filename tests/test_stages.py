@@ -153,9 +153,7 @@ def test_changing_a_param_stales_the_stages_that_declare_it_and_nothing_else(sta
     for key, found in staleness["params"].items():
         name, param = key.split(":")
         leaf = found["leaf"]
-        expected = sorted(
-            s.name for s in NATIVE_STAGES if any(leaf == p or leaf.startswith(p + ".") for p in s.params)
-        )
+        expected = sorted(s.name for s in NATIVE_STAGES if any(leaf == p or leaf.startswith(p + ".") for p in s.params))
         assert name in expected and found["prefect"] == expected, (key, found, expected)
         first = min(expected, key=NATIVE_NAMES.index)
         assert all(s == first or s in descendants(first) for s in expected), (key, expected)
