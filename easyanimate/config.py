@@ -364,7 +364,7 @@ class DiTModelConfig(_Section):
     grid_reshape: int = Field(1, ge=1, description="spatial grid side grouped into each temporal attention")
     long_skips: bool = True
     base_resolution: int = Field(64, ge=8, description="pixel size at which position embeddings are interpolation-free")
-    # PixArt compatibility (dit.stage1.init_from needs these to match the PixArt checkpoint; defaults keep the
+    # PixArt compatibility (dit.init_from needs these to match the PixArt checkpoint; defaults keep the
     # original model): position-table coordinate scale, which coordinate the table's first half encodes ("hw":
     # row, "wh": column as in PixArt), and PixArt-alpha-1024's resolution/aspect-ratio micro-conditions.
     interpolation_scale: float = Field(1.0, gt=0, description="PixArt interpolation_scale of the position table")
@@ -425,12 +425,6 @@ class DiTTrainStageConfig(TrainStageConfig):
 class DiTStage1Config(DiTTrainStageConfig):
     image_ratio: float = 1.0
     num_frames: int = 1
-    # A local diffusers PixArtTransformer2DModel folder (PixArt-alpha or -Sigma; or a PixArt pipeline folder with
-    # transformer/): stage 1 starts from its weights through an explicit key map (easyanimate.models.dit.pixart)
-    # when there is no checkpoint to resume and no warm start. dit.model must match it (hidden size, depth,
-    # heads, base_resolution = 8 x sample_size, pos_embed_order "wh", interpolation_scale, micro-conditions)
-    # and weights.text_encoder must be the T5 it was trained with. None: random initialisation.
-    init_from: str | None = None
 
 
 class DiTStage2Config(DiTTrainStageConfig):
@@ -443,6 +437,12 @@ class DiTStage3Config(DiTTrainStageConfig):
 
 class DiTConfig(_Section):
     model: DiTModelConfig = DiTModelConfig()
+    # A local diffusers PixArtTransformer2DModel folder (PixArt-alpha or -Sigma; or a PixArt pipeline folder with
+    # transformer/): stage 1 starts from its weights through an explicit key map (easyanimate.models.dit.pixart)
+    # when there is no checkpoint to resume and no warm start. dit.model must match it (hidden size, depth,
+    # heads, base_resolution = 8 x sample_size, pos_embed_order "wh", interpolation_scale, micro-conditions)
+    # and weights.text_encoder must be the T5 it was trained with. None: random initialisation.
+    init_from: str | None = None
     stage1: DiTStage1Config = DiTStage1Config()
     stage2: DiTStage2Config = DiTStage2Config()
     stage3: DiTStage3Config = DiTStage3Config()

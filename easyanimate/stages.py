@@ -110,7 +110,7 @@ STAGES: tuple[StageSpec, ...] = (
         "easyanimate.training.dit:run_stage1",
         ("curated", "vae_stage2"),
         ("dit_stage1",),
-        ("dit.model", "dit.stage1", "vae.model.latent_channels", *_DIT),
+        ("dit.model", "dit.init_from", "dit.stage1", "vae.model.latent_channels", *_DIT),
         trains=True,
         warm_start="transformer",
         plots=_LOSS,

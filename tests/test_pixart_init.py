@@ -1,4 +1,4 @@
-"""dit.stage1.init_from: the video DiT initialised from a diffusers PixArtTransformer2DModel equals PixArt.
+"""dit.init_from: the video DiT initialised from a diffusers PixArtTransformer2DModel equals PixArt.
 
 Everything is tiny and random, built from configs (no downloads): a PixArt transformer and a T5 encoder with
 its tokenizer are saved to folders and loaded back the way stage 1 loads them.
@@ -79,8 +79,8 @@ def settings_for(tmp: Path, pixart: Path | None = None, t5: Path | None = None, 
         "paths": {"cache": str(tmp / "cache")},
         "dit": {
             "model": dit_model,
+            "init_from": str(pixart) if pixart else None,
             "stage1": {
-                "init_from": str(pixart) if pixart else None,
                 "steps": 2,
                 "batch_size": 2,
                 "resolution": 64,
@@ -233,15 +233,15 @@ def test_init_from_applies_to_a_fresh_stage1_only(tmp_path, t5):
 
 def test_wrong_text_encoder_or_folder_fails_before_any_work(tmp_path, t5):
     folder = save_tiny_pixart(tmp_path / "pixart", caption_channels=T5_DIM + 4)
-    with pytest.raises(ValueError, match=r"dit\.stage1\.init_from.*16-wide.*weights\.text_encoder"):
+    with pytest.raises(ValueError, match=r"dit\.init_from.*16-wide.*weights\.text_encoder"):
         pixart_init_source(settings_for(tmp_path, folder, t5), 1, None, tmp_path / "ckpt")
-    with pytest.raises(ValueError, match=r"dit\.stage1\.init_from.*PixArtTransformer2DModel"):
+    with pytest.raises(ValueError, match=r"dit\.init_from.*PixArtTransformer2DModel"):
         pixart_init_source(settings_for(tmp_path, t5, t5), 1, None, tmp_path / "ckpt")
 
 
 def test_missing_folder_names_the_setting(tmp_path):
     settings = settings_for(tmp_path, tmp_path / "no_such_pixart")
-    with pytest.raises(FileNotFoundError, match=r"dit\.stage1\.init_from.*no_such_pixart"):
+    with pytest.raises(FileNotFoundError, match=r"dit\.init_from.*no_such_pixart"):
         pixart_init_source(settings, 1, None, tmp_path / "ckpt")
 
 

@@ -64,12 +64,12 @@ def build_transformer(settings: Settings, latent_channels: int, text_embed_dim: 
     )
 
 
-INIT_SETTING = "dit.stage1.init_from"
+INIT_SETTING = "dit.init_from"
 
 
 @dataclass
 class DiTTrainResult(TrainResult):
-    """``TrainResult`` plus what ``dit.stage1.init_from`` did: the key-map report, or why it was skipped."""
+    """``TrainResult`` plus what ``dit.init_from`` did: the key-map report, or why it was skipped."""
 
     init: KeyMapReport | None = None
     init_skipped: str | None = None
@@ -83,11 +83,11 @@ class DiTTrainResult(TrainResult):
 def pixart_init_source(
     settings: Settings, stage: int, init_dir: Path | None, ckpt_dir: Path
 ) -> tuple[Path | None, str | None]:
-    """``(folder, None)`` when ``dit.stage1.init_from`` applies to this run, else ``(None, reason or None)``.
+    """``(folder, None)`` when ``dit.init_from`` applies to this run, else ``(None, reason or None)``.
 
     It applies to stage 1 only, and only to a fresh model: resuming a checkpoint or warm-starting wins.
     """
-    spec = settings.dit.stage1.init_from
+    spec = settings.dit.init_from
     if stage != 1 or not spec:
         return None, None
     if init_dir is not None:
@@ -359,7 +359,7 @@ def train_dit(
             try:
                 init_report = init_from_pixart(model, pixart_dir)
             except PixArtInitError as exc:
-                raise ValueError(f"{INIT_SETTING}={settings.dit.stage1.init_from!r}: {exc}") from None
+                raise ValueError(f"{INIT_SETTING}={settings.dit.init_from!r}: {exc}") from None
     else:
         model = EasyAnimateTransformer3DModel.from_pretrained(init_dir)
     if stage == 2:
