@@ -16,6 +16,8 @@ Prefect itself is not imported here (the library stays Prefect-free): the server
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -27,10 +29,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from easyanimate.runtime import PREFECT_SERVER_PID_FILE, PREFECT_SERVER_URL_FILE, adopt_local_prefect_server, state_dir
+from easyanimate.runtime import (
+    PREFECT_SERVER_HEARTBEAT_FILE,
+    PREFECT_SERVER_PID_FILE,
+    PREFECT_SERVER_URL_FILE,
+    adopt_local_prefect_server,
+    state_dir,
+)
 
 MODE_ENV = "EASYANIMATE_PREFECT_SERVER"  # overrides prefect.server (the tests keep temporary servers)
-HEARTBEAT_FILE = "prefect-server.heartbeat"
 START_LOCK_FILE = "prefect-server.start.lock"
 LOG_FILE = "logs/prefect-server.log"
 POLL_S = 5.0
@@ -48,7 +55,7 @@ def server_mode(configured: str) -> str:
 
 
 def touch_heartbeat(state: Path) -> None:
-    (state / HEARTBEAT_FILE).touch()
+    (state / PREFECT_SERVER_HEARTBEAT_FILE).touch()
 
 
 def _healthy(url: str, timeout: float = 1.0) -> bool:
@@ -126,16 +133,27 @@ def _start(state: Path, idle_s: float, timeout_s: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the supervisor
-def _workspace_busy(state: Path) -> bool:
-    """A command holds the workspace lock now (its holder record has no release and its process lives)."""
+def _last_use(state: Path) -> float | None:
+    """None while a command holds the workspace lock (its holder record has no release and its process lives),
+    else when the server was last used: the newest of the heartbeat (commands touch it when they adopt the server)
+    and the lock's last release."""
+    times = []
+    with contextlib.suppress(OSError):
+        times.append((state / PREFECT_SERVER_HEARTBEAT_FILE).stat().st_mtime)
     try:
         record = json.loads((state / "workspace.lock.json").read_text())
-        if record.get("released") or record.get("host") != socket.gethostname():
-            return False
-        os.kill(int(record["pid"]), 0)
-        return True
-    except (OSError, ValueError, KeyError):
-        return False
+    except (OSError, ValueError):
+        record = {}
+    if record.get("released"):
+        with contextlib.suppress(ValueError, TypeError):
+            times.append(dt.datetime.fromisoformat(record["released"]).timestamp())
+    elif record.get("host") == socket.gethostname():
+        try:
+            os.kill(int(record["pid"]), 0)
+            return None
+        except (OSError, ValueError, KeyError):
+            pass
+    return max(times) if times else 0.0
 
 
 def supervise(port: int, idle_s: float, state: Path) -> int:
@@ -172,13 +190,11 @@ def supervise(port: int, idle_s: float, state: Path) -> int:
         print(f"Prefect server on {url}; stops after {idle_s:g} s unused", flush=True)
         while not stopping and server.poll() is None:
             time.sleep(POLL_S)
-            if _workspace_busy(state):
+            last_use = _last_use(state)
+            if last_use is None:  # a command is running
                 touch_heartbeat(state)
                 continue
-            try:
-                idle = time.time() - (state / HEARTBEAT_FILE).stat().st_mtime
-            except OSError:
-                idle = idle_s + 1
+            idle = time.time() - last_use
             if idle > idle_s:
                 print(f"unused for {idle:.0f} s: stopping the Prefect server", flush=True)
                 break

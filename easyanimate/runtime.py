@@ -14,6 +14,7 @@ STATE_DIR_ENV = "EASYANIMATE_STATE_DIR"
 # Written by infra/prefect_local.sh when it starts the workspace's Prefect server.
 PREFECT_SERVER_PID_FILE = "prefect-server.pid"
 PREFECT_SERVER_URL_FILE = "prefect-server.url"
+PREFECT_SERVER_HEARTBEAT_FILE = "prefect-server.heartbeat"
 
 
 def state_dir() -> Path:
@@ -72,4 +73,6 @@ def adopt_local_prefect_server(state: Path) -> str | None:
     except OSError:
         return None
     os.environ["PREFECT_API_URL"] = url
+    # A use: the workspace server's supervisor (easyanimate/prefect_server.py) stops it only once unused.
+    (state / PREFECT_SERVER_HEARTBEAT_FILE).touch()
     return url

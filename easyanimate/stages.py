@@ -53,6 +53,15 @@ class StageSpec:
 
 NATIVE, V51 = "native", "easyanimate-v5.1"  # config.FAMILIES
 _LOSS = (("loss.csv", "step", "loss"),)
+_EVALUATION_REPORTS = ("samples", "report.md", "eval_context.json", "gate.json")
+_REGISTER_REPORTS = ("registered.json", "promotion.md")
+
+
+def _register_reads(evaluation: str) -> tuple[str, ...]:
+    """The evaluation reports a register stage reads: its gate, metrics and what they were computed on."""
+    return tuple(f"{evaluation}/{name}" for name in ("gate.json", "metrics.json", "eval_context.json"))
+
+
 # Every DiT stage also renders its samples with the generation settings.
 _DIT = (
     "dit.num_train_timesteps",
@@ -165,7 +174,7 @@ STAGES: tuple[StageSpec, ...] = (
             "weights.text_encoder",
         ),
         plots=(("val_loss.csv", "timestep", "val_loss"),),
-        report_outs=("samples", "report.md", "eval_context.json", "gate.json"),
+        report_outs=_EVALUATION_REPORTS,
         family=NATIVE,
         description="assemble the pipeline, score it on held-out clips, decide its gate",
     ),
@@ -175,8 +184,8 @@ STAGES: tuple[StageSpec, ...] = (
         ("curated", "pipeline", "lora"),
         (),  # cached: an unchanged pipeline is never registered twice
         params=("registry", "lora.registered_model", "lora.default_scale", "model.family"),
-        report_outs=("registered.json", "promotion.md"),
-        report_deps=("evaluate/gate.json", "evaluate/metrics.json", "evaluate/eval_context.json"),
+        report_outs=_REGISTER_REPORTS,
+        report_deps=_register_reads("evaluate"),
         family=NATIVE,
         description="register a model version, promote it only if it is better",
     ),
@@ -281,7 +290,7 @@ STAGES += (
             "generate",
         ),
         plots=(("val_loss.csv", "sigma", "val_loss"),),
-        report_outs=("samples", "report.md", "eval_context.json", "gate.json"),
+        report_outs=_EVALUATION_REPORTS,
         family=V51,
         description="V5.1: assemble the fine-tuned pipeline, score it on held-out clips, decide its gate",
     ),
@@ -304,8 +313,8 @@ STAGES += (
             "v51.tile_sample_min_size",
             "v51.tile_sample_stride",
         ),
-        report_outs=("registered.json", "promotion.md"),
-        report_deps=("v51_evaluate/gate.json", "v51_evaluate/metrics.json", "v51_evaluate/eval_context.json"),
+        report_outs=_REGISTER_REPORTS,
+        report_deps=_register_reads("v51_evaluate"),
         family=V51,
         description="V5.1: register the pipeline (and its LoRA), promote it only if it is better",
     ),

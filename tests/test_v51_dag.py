@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from easyanimate.lineage import CHECKPOINT_TAG
@@ -69,8 +70,6 @@ def _json(path: Path) -> dict:
 
 
 def test_v51_pipeline_runs_only_its_own_stages(v51_project):
-    import torch
-
     project, proc, release = v51_project
     dvc = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == [
@@ -156,7 +155,6 @@ def test_v51_noop_rerun_trains_and_registers_nothing(v51_project):
 def test_v51_full_finetune_replaces_the_transformer_and_registers_no_adapter(v51_project, tmp_path):
     """``v51.finetune: full`` through the same stage code (in-process, no Prefect): the assembled pipeline holds the
     fine-tuned transformer, and the register stage has no adapter to register."""
-    import torch
     from safetensors.torch import load_file
 
     from easyanimate.config import load_settings
@@ -242,3 +240,47 @@ def test_v51_second_version_is_compared_on_the_same_yardstick(v51_project):
     assert "re-evaluate" not in tags["promotion.reason"], tags["promotion.reason"]  # compared, not refused
     rows = {row["metric"]: row for row in json.loads(tags["promotion.comparison"])}
     assert rows["eval/val_loss"]["comparable"] and rows["eval/vae_psnr"]["comparable"]  # the family's own loss
+
+
+def test_v51_latent_cache_resumes_after_a_kill(v51_project, tmp_path, monkeypatch):
+    """A latent-cache run that dies part-way keeps what it encoded: the rerun encodes only the rest, and the result
+    equals the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    import easyanimate.families.v51_latents as latents
+    from easyanimate.config import load_settings
+    from easyanimate.stages import run_stage
+
+    project, _, _ = v51_project
+    settings = load_settings(
+        project / "params.yaml",
+        overrides={
+            "paths": {
+                "curated": str(project / "data" / "curated"),
+                "v51_latents": str(tmp_path / "latents"),
+                "reports": str(tmp_path / "reports"),
+                "checkpoints": str(tmp_path / "ckpt"),
+            }
+        },
+    )
+    encode, calls = latents.encode_sample, []
+
+    def dies_on_the_third(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise RuntimeError("killed mid-run")
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(latents, "encode_sample", dies_on_the_third)
+    with pytest.raises(RuntimeError, match="killed mid-run"):
+        run_stage("v51_latents", settings, show_progress=False)
+    assert not (tmp_path / "latents").exists()  # nothing half-written where the fine-tune reads
+    monkeypatch.setattr(latents, "encode_sample", encode)
+    result = run_stage("v51_latents", settings, show_progress=False)
+    assert result.metrics["v51_latents/reused"] == 2.0
+    reference = project / "data" / "v51_latents"
+    assert _json(tmp_path / "latents" / "index.json")["splits"] == _json(reference / "index.json")["splits"]
+    for file in (reference / "train").glob("*.safetensors"):
+        resumed, original = load_file(str(tmp_path / "latents" / "train" / file.name)), load_file(str(file))
+        assert all(torch.equal(resumed[k], original[k]) for k in original), file.name
+    assert not (tmp_path / "ckpt" / "v51_latents").exists()  # the resume cache is emptied once complete

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from easyanimate.config import Settings, resolve_weight_path
+from easyanimate.config import EvaluateConfig, Settings, resolve_weight_path
 from easyanimate.data.buckets import BucketTable
 from easyanimate.data.datasets import load_clip_frames, to_model_range
 from easyanimate.data.video_io import write_video
@@ -123,9 +123,35 @@ def dit_validation_loss(settings: Settings, pipe, clips, num_frames: int) -> dic
     return metrics
 
 
-def generate_samples(settings: Settings, pipe, out_dir: Path) -> tuple[dict[str, float], list[Path]]:
+def gate_reasons(metrics: dict[str, float], e: EvaluateConfig) -> list[str]:
+    """Why the evaluation gate refuses these metrics (``evaluate.*`` bounds; every family's evaluation)."""
+    reasons = [f"{key} is not finite ({value})" for key, value in metrics.items() if not math.isfinite(value)]
+    if "eval/vae_psnr" in metrics and metrics["eval/vae_psnr"] < e.min_vae_psnr:
+        reasons.append(f"eval/vae_psnr {metrics['eval/vae_psnr']:.2f} < evaluate.min_vae_psnr {e.min_vae_psnr}")
+    if "eval/val_loss" in metrics and metrics["eval/val_loss"] > e.max_val_loss:
+        reasons.append(f"eval/val_loss {metrics['eval/val_loss']:.4f} > evaluate.max_val_loss {e.max_val_loss}")
+    if "eval/caption_retrieval" in metrics and metrics["eval/caption_retrieval"] < e.min_caption_retrieval:
+        reasons.append(
+            f"eval/caption_retrieval {metrics['eval/caption_retrieval']:.2f} < "
+            f"evaluate.min_caption_retrieval {e.min_caption_retrieval}"
+        )
+    if metrics.get("eval/flicker", 0.0) > e.max_flicker:
+        reasons.append(f"eval/flicker {metrics['eval/flicker']:.4f} > evaluate.max_flicker {e.max_flicker}")
+    return reasons
+
+
+def write_sample(frames: np.ndarray, out_dir: Path, index: int, fps: int) -> list[Path]:
+    """``samples/sample_<index>.mp4`` and ``.gif`` of uint8 or [0, 1] frames (T, H, W, 3)."""
     import imageio.v3 as iio
 
+    mp4 = out_dir / "samples" / f"sample_{index}.mp4"
+    write_video(frames, mp4, fps=fps)
+    gif = mp4.with_suffix(".gif")
+    iio.imwrite(gif, frames, extension=".gif", duration=1000 / fps, loop=0)
+    return [mp4, gif]
+
+
+def generate_samples(settings: Settings, pipe, out_dir: Path) -> tuple[dict[str, float], list[Path]]:
     g = settings.generate
     flickers, paths = [], []
     for i, prompt in enumerate(g.prompts):
@@ -136,12 +162,8 @@ def generate_samples(settings: Settings, pipe, out_dir: Path) -> tuple[dict[str,
             output_type="np",
             **settings.generate.pipeline_kwargs(settings.dit.model.max_text_tokens),
         ).frames[0]
-        mp4 = out_dir / "samples" / f"sample_{i}.mp4"
-        write_video(frames, mp4, fps=g.fps)
-        gif = mp4.with_suffix(".gif")
-        iio.imwrite(gif, frames, extension=".gif", duration=1000 / g.fps, loop=0)
+        paths += write_sample(frames, out_dir, i, g.fps)
         flickers.append(flicker(frames))
-        paths += [mp4, gif]
     return {"eval/flicker": float(np.mean(flickers))}, paths
 
 
@@ -217,21 +239,7 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
         metrics["eval/caption_retrieval"] = retrieval.rate
         metrics["eval/caption_retrieval_captions"] = float(len(retrieval.captions))
 
-    e = settings.evaluate
-    for key, value in metrics.items():
-        if not math.isfinite(value):
-            reasons.append(f"{key} is not finite ({value})")
-    if "eval/vae_psnr" in metrics and metrics["eval/vae_psnr"] < e.min_vae_psnr:
-        reasons.append(f"eval/vae_psnr {metrics['eval/vae_psnr']:.2f} < evaluate.min_vae_psnr {e.min_vae_psnr}")
-    if "eval/val_loss" in metrics and metrics["eval/val_loss"] > e.max_val_loss:
-        reasons.append(f"eval/val_loss {metrics['eval/val_loss']:.4f} > evaluate.max_val_loss {e.max_val_loss}")
-    if "eval/caption_retrieval" in metrics and metrics["eval/caption_retrieval"] < e.min_caption_retrieval:
-        reasons.append(
-            f"eval/caption_retrieval {metrics['eval/caption_retrieval']:.2f} < "
-            f"evaluate.min_caption_retrieval {e.min_caption_retrieval}"
-        )
-    if metrics["eval/flicker"] > e.max_flicker:
-        reasons.append(f"eval/flicker {metrics['eval/flicker']:.4f} > evaluate.max_flicker {e.max_flicker}")
+    reasons += gate_reasons(metrics, settings.evaluate)
     metrics["eval/passed"] = float(not reasons)
 
     out_dir = Path(out_dir)
@@ -251,12 +259,11 @@ def evaluate_pipeline(settings: Settings, pipeline_dir: Path, curated_dir: Path,
     return EvalReport(metrics, not reasons, reasons, skipped, artifacts, context)
 
 
-def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
-    """Assemble ``paths.pipeline`` from the trained VAE and DiT, score it, and record its gate."""
+def evaluation_result(name: str, report: EvalReport, outputs: dict[str, Path], ctx: StageContext) -> StageResult:
+    """What every family's evaluate stage records: ``metrics.json``, ``gate.json`` (the register stage reads both),
+    the markdown summary and the run tags."""
     from easyanimate.evaluation.report import evaluation_markdown
 
-    assemble_pipeline(settings, settings.paths.vae_stage2, settings.paths.dit_stage3, settings.paths.pipeline)
-    report = evaluate_pipeline(settings, settings.paths.pipeline, settings.paths.curated, ctx.report_dir)
     write_reports(ctx.report_dir, report.metrics)
     atomic_write_json(
         ctx.report_dir / "gate.json", {"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped}
@@ -264,20 +271,28 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
     samples = [str(p) for p in report.artifacts if "samples" in str(p)]
     markdown = evaluation_markdown(report.metrics, report.passed, report.reasons, report.skipped, samples)
     if ctx.run_id:
-        markdown += f"\nMLflow artifacts: `runs:/{ctx.run_id}/evaluate`"
+        markdown += f"\nMLflow artifacts: `runs:/{ctx.run_id}/{name}`"
     tags = {
         "eval_passed": str(report.passed),
         "eval_reasons": "; ".join(report.reasons) or "all gates passed",
         "eval_protocol_hash": report.context.get("protocol_hash", ""),
+        "eval_latent_space": report.context.get("latent_space", ""),
         "eval_num_val_clips": str(len(report.context.get("val_clip_ids", []))),
         **{f"skipped.{k}": v for k, v in report.skipped.items()},
     }
     return StageResult(
-        "evaluate",
+        name,
         report.metrics,
-        {"pipeline": settings.paths.pipeline},
+        outputs,
         report.artifacts,
         info={"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped, "samples": samples},
         tags=tags,
         markdown={"evaluation": ("held-out metrics, gate and samples", markdown)},
     )
+
+
+def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
+    """Assemble ``paths.pipeline`` from the trained VAE and DiT, score it, and record its gate."""
+    assemble_pipeline(settings, settings.paths.vae_stage2, settings.paths.dit_stage3, settings.paths.pipeline)
+    report = evaluate_pipeline(settings, settings.paths.pipeline, settings.paths.curated, ctx.report_dir)
+    return evaluation_result("evaluate", report, {"pipeline": settings.paths.pipeline}, ctx)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -24,8 +23,7 @@ import numpy as np
 import torch
 
 from easyanimate.config import Settings
-from easyanimate.data.video_io import write_video
-from easyanimate.evaluation.evaluate import EvalReport
+from easyanimate.evaluation.evaluate import EvalReport, evaluation_result, gate_reasons, write_sample
 from easyanimate.evaluation.metrics import flicker, psnr, ssim
 from easyanimate.families.v51 import (
     LORA_WEIGHTS_NAME,
@@ -33,12 +31,12 @@ from easyanimate.families.v51 import (
     LatentSample,
     check_v51_folder,
     flow_matching_loss,
-    generate_v51,
+    generate_v51_from_settings,
     load_v51_pipeline,
     set_v51_lora_scale,
 )
 from easyanimate.families.v51_latents import clips_by_split, load_latent_cache
-from easyanimate.stage_api import StageContext, StageResult, write_reports
+from easyanimate.stage_api import StageContext, StageResult
 from easyanimate.utils import atomic_directory, atomic_write_json, atomic_write_text, link_or_copy
 
 PROTOCOL_SETTINGS = (
@@ -161,40 +159,15 @@ def evaluate_v51(settings: Settings, out_dir: Path, folder: Path, lora_dir: Path
     else:
         reasons.append("no held-out clips in the latent cache (split == 'val')")
     flickers, artifacts = [], []
-    for i, prompt in enumerate(g.prompts[: v.eval_num_samples]):
-        frames = generate_v51(
-            pipe,
-            prompt,
-            v.num_frames,
-            g.height,
-            g.width,
-            g.num_inference_steps,
-            g.guidance_scale,
-            g.seed + i,
-            negative_prompt=v.negative_prompt or g.negative_prompt,
-            max_sequence_length=v.max_sequence_length,
-            noise_aug_strength=v.noise_aug_strength,
-        )
-        import imageio.v3 as iio
-
-        mp4 = out_dir / "samples" / f"sample_{i}.mp4"
-        write_video(frames, mp4, fps=g.fps)
-        gif = mp4.with_suffix(".gif")
-        iio.imwrite(gif, frames, extension=".gif", duration=1000 / g.fps, loop=0)
+    videos = (
+        generate_v51_from_settings(settings, g.prompts[: v.eval_num_samples], pipe=pipe) if v.eval_num_samples else []
+    )
+    for i, frames in enumerate(videos):
+        artifacts += write_sample(frames, out_dir, i, g.fps)
         flickers.append(flicker(frames))
-        artifacts += [mp4, gif]
     metrics["eval/flicker"] = float(np.mean(flickers)) if flickers else 0.0
     metrics["eval/num_val_clips"] = float(len(val))
-
-    for key, value in metrics.items():
-        if not math.isfinite(value):
-            reasons.append(f"{key} is not finite ({value})")
-    if "eval/vae_psnr" in metrics and metrics["eval/vae_psnr"] < e.min_vae_psnr:
-        reasons.append(f"eval/vae_psnr {metrics['eval/vae_psnr']:.2f} < evaluate.min_vae_psnr {e.min_vae_psnr}")
-    if "eval/val_loss" in metrics and metrics["eval/val_loss"] > e.max_val_loss:
-        reasons.append(f"eval/val_loss {metrics['eval/val_loss']:.4f} > evaluate.max_val_loss {e.max_val_loss}")
-    if metrics["eval/flicker"] > e.max_flicker:
-        reasons.append(f"eval/flicker {metrics['eval/flicker']:.4f} > evaluate.max_flicker {e.max_flicker}")
+    reasons += gate_reasons(metrics, e)
     metrics["eval/passed"] = float(not reasons)
 
     from easyanimate.evaluation.report import evaluation_markdown
@@ -221,31 +194,11 @@ def evaluate_v51(settings: Settings, out_dir: Path, folder: Path, lora_dir: Path
 
 def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
     """Assemble ``paths.v51_pipeline``, score it, and record its gate (``gate.json``) for ``v51_register``."""
-    from easyanimate.evaluation.report import evaluation_markdown
-
     base = check_v51_folder(settings.v51.model_dir)
     assemble_v51_pipeline(base, settings.paths.v51_vae, settings.paths.v51_finetune, settings.paths.v51_pipeline)
     finetune = settings.paths.v51_finetune
     adapter = finetune if (finetune / LORA_WEIGHTS_NAME).is_file() else None
     report = evaluate_v51(settings, ctx.report_dir, settings.paths.v51_pipeline, adapter)
-    write_reports(ctx.report_dir, report.metrics)
-    atomic_write_json(
-        ctx.report_dir / "gate.json", {"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped}
-    )
-    samples = [str(p) for p in report.artifacts if "samples" in str(p)]
-    markdown = evaluation_markdown(report.metrics, report.passed, report.reasons, report.skipped, samples)
-    return StageResult(
-        "v51_evaluate",
-        report.metrics,
-        {"v51_pipeline": settings.paths.v51_pipeline},
-        report.artifacts,
-        info={"passed": report.passed, "reasons": report.reasons, "skipped": report.skipped, "samples": samples},
-        tags={
-            "eval_passed": str(report.passed),
-            "eval_reasons": "; ".join(report.reasons) or "all gates passed",
-            "eval_protocol_hash": report.context["protocol_hash"],
-            "eval_latent_space": report.context["latent_space"],
-            "model.family": "easyanimate-v5.1",
-        },
-        markdown={"evaluation": ("held-out metrics, gate and samples", markdown)},
-    )
+    result = evaluation_result("v51_evaluate", report, {"v51_pipeline": settings.paths.v51_pipeline}, ctx)
+    result.tags["model.family"] = "easyanimate-v5.1"
+    return result

@@ -13,8 +13,10 @@ caption in the metadata).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from easyanimate.families.v51 import (
     sample_frames,
 )
 from easyanimate.stage_api import StageContext, StageResult, write_reports
-from easyanimate.utils import atomic_directory
+from easyanimate.utils import atomic_directory, link_or_copy
 
 SPLITS = ("train", "val")
 INDEX = "index.json"
@@ -102,8 +104,27 @@ def load_latent_cache(folder: str | Path, split: str = "train") -> tuple[list[La
     return samples, empty, index
 
 
+def _encoder_id(model_dir: Path, dtype: str, max_sequence_length: int) -> str:
+    """What the encoded tensors depend on besides the sample: the release's VAE/text-encoder files and settings."""
+    digest = hashlib.sha256(f"{dtype}:{max_sequence_length}".encode())
+    for sub in ("vae", "text_encoder", "tokenizer", "transformer"):  # transformer: in_channels (InP condition)
+        for file in sorted((model_dir / sub).glob("*.json")):
+            digest.update(file.read_bytes())
+        for file in sorted((model_dir / sub).glob("*.safetensors")):
+            stat = file.stat()  # weights are large: their size and mtime stand for their bytes
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _sample_digest(encoder_id: str, key: str, frames: np.ndarray, caption: str) -> str:
+    digest = hashlib.sha256(encoder_id.encode())
+    digest.update(f"{key}\0{caption}\0{frames.shape}".encode())
+    digest.update(frames.tobytes())
+    return digest.hexdigest()[:32]
+
+
 def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
-    """Encode the clips into ``paths.v51_latents``."""
+    """Encode the clips into ``paths.v51_latents`` (resuming the samples a killed run already encoded)."""
     from safetensors.torch import save_file
 
     v = settings.v51
@@ -137,23 +158,39 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
         "splits": {},
         "shapes": {},
     }
+    # Each encoded sample also lands in a content-addressed cache (its frames, caption and encoder), so a killed
+    # run resumes where it stopped instead of encoding everything again; emptied once the folder is complete.
+    cache = Path(ctx.checkpoint_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    encoder_id = _encoder_id(folder, v.dtype, v.max_sequence_length)
+    reused = 0
     with atomic_directory(settings.paths.v51_latents) as tmp:
         for split, items in prepared.items():
             (tmp / split).mkdir()
             index["splits"][split] = []
             for key, frames, caption in items:
-                sample = encode_sample(pipe, key, np.ascontiguousarray(frames), caption, texts[caption])
-                _write_sample(tmp / split / f"{key}.safetensors", sample)
+                frames = np.ascontiguousarray(frames)
+                cached = cache / f"{_sample_digest(encoder_id, key, frames, caption)}.safetensors"
+                if cached.is_file():
+                    reused += 1
+                else:
+                    sample = encode_sample(pipe, key, frames, caption, texts[caption])
+                    partial = cached.with_suffix(".tmp")
+                    _write_sample(partial, sample)
+                    partial.rename(cached)
+                link_or_copy(str(cached), str(tmp / split / f"{key}.safetensors"))
                 index["splits"][split].append(key)
                 index["shapes"][key] = list(frames.shape[:3])  # frames, height, width
         save_file({"prompt_embeds": texts[""].contiguous()}, tmp / EMPTY_PROMPT)
         (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    shutil.rmtree(cache, ignore_errors=True)
     sizes = {tuple(s[1:]) for s in index["shapes"].values()}
     metrics = {
         "v51_latents/num_train": float(len(index["splits"]["train"])),
         "v51_latents/num_val": float(len(index["splits"]["val"])),
         "v51_latents/num_buckets": float(len(sizes)),
         "v51_latents/images": float(sum(1 for s in index["shapes"].values() if s[0] == 1)),
+        "v51_latents/reused": float(reused),
         "v51_latents/seconds": time.perf_counter() - started,
     }
     write_reports(ctx.report_dir, metrics)
