@@ -240,20 +240,10 @@ def generate(
     model_dir: Optional[Path] = None  # --model's folder (a registered model's, downloaded)
     if model:
         model_dir = resolve_pipeline_dir(model, settings) if model.startswith("models:/") else Path(model)
-        # The family the folder holds: V5.1 is diffusers' EasyAnimate(Inpaint)Pipeline around diffusers' own
-        # EasyAnimateTransformer3DModel (as easyanimate.serving.pyfunc.folder_family reads it, without its imports).
-        try:
-            index = json.loads((model_dir / "model_index.json").read_text())
-        except (OSError, ValueError):
-            index = None
-        held = None
-        if isinstance(index, dict):
-            v51_classes = ("EasyAnimatePipeline", "EasyAnimateInpaintPipeline")
-            is_v51 = index.get("_class_name") in v51_classes and index.get("transformer") == [
-                "diffusers",
-                "EasyAnimateTransformer3DModel",
-            ]
-            held = "v5.1" if is_v51 else "native"
+        # The family the folder holds (its model_index.json names diffusers' own V5.1 classes, or ours).
+        from easyanimate.families import V51, folder_family
+
+        held = {V51: "v5.1", None: None}.get(folder_family(model_dir), "native")
         if family is not None and held is not None and family != held:
             _fail(f"--model {model} holds a {held} model, not --family {family}: drop --family or pass --family {held}")
         family = family or held

@@ -233,9 +233,12 @@ def browser(server):
 
 # ------------------------------------------------------------------------------------------ page helpers
 def _wait(driver, condition, timeout: float = WAIT_S):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    # Gradio re-renders components on updates: an element found a moment ago may be gone; look again.
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(condition)
 
 
 def _find(driver, css: str):

@@ -39,14 +39,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import mlflow.pyfunc
+
+from easyanimate.families import NATIVE, V51, folder_family
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,7 +56,6 @@ FLOAT_FIELDS = ("guidance_scale", "lora_scale")
 TEXT_FIELDS = ("prompt", "negative_prompt")
 IMAGE_FIELDS = ("image", "end_image")  # base64 PNG/JPEG; V5.1 InP models only
 REQUEST_FIELDS = TEXT_FIELDS + INT_FIELDS + FLOAT_FIELDS + IMAGE_FIELDS
-NATIVE, V51 = "native", "easyanimate-v5.1"  # model families (``model.family``)
 MAX_IMAGE_BYTES = 10 * 2**20  # one decoded request image (``mlflow models serve`` has no body limit of its own)
 MAX_IMAGE_PIXELS = 4096 * 4096  # one request image, checked from its header before it is decoded
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -83,26 +82,6 @@ class GenerationStopped(RuntimeError):
     def __init__(self, message: str, steps_done: int = 0):
         super().__init__(message)
         self.steps_done = steps_done
-
-
-def folder_family(folder: str | Path) -> str | None:
-    """Which family a saved pipeline folder holds, from its ``model_index.json``: ``easyanimate-v5.1`` (diffusers'
-    ``EasyAnimatePipeline``/``EasyAnimateInpaintPipeline`` around diffusers' ``EasyAnimateTransformer3DModel``),
-    ``native`` (any other pipeline folder: this project's own classes), None without a readable index."""
-    try:
-        index = json.loads((Path(folder) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(index, dict):
-        return None
-    transformer = index.get("transformer")
-    if (
-        index.get("_class_name") in ("EasyAnimatePipeline", "EasyAnimateInpaintPipeline")
-        and isinstance(transformer, list)
-        and list(transformer) == ["diffusers", "EasyAnimateTransformer3DModel"]
-    ):
-        return V51
-    return NATIVE
 
 
 def decode_image(field: str, value) -> np.ndarray:

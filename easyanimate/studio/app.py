@@ -17,7 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from easyanimate.config import Settings  # noqa: E402
-from easyanimate.studio.service import FIELDS, MAX_THUMBNAILS, InvalidRequest, Studio  # noqa: E402
+from easyanimate.studio.service import FIELDS, MAX_THUMBNAILS, V51_SCHEDULER, InvalidRequest, Studio  # noqa: E402
 
 # System font stacks: the default theme would fetch Google Fonts from the network.
 THEME = gr.themes.Default(
@@ -32,10 +32,21 @@ def _lora_choices(studio: Studio, model: str | None) -> list[tuple[str, str]]:
 
 
 def _model_note(info) -> str:
+    if info.family == "easyanimate-v5.1":
+        return (
+            f"EasyAnimate V5.1: sizes are the buckets it was fine-tuned in (from {info.trained_settings}); sides are "
+            f"multiples of {info.multiple}; frame counts are 1 + 4k up to {info.max_frames}; its own flow-matching "
+            "scheduler. "
+            + (
+                "An InP model: give a start image (and optionally an end image) for image-to-video."
+                if info.image_to_video
+                else "Text-to-video only (not an InP checkpoint)."
+            )
+        )
     return (
         f"Sizes are this model's trained aspect buckets (from {info.trained_settings}); sides are multiples of "
         f"{info.multiple}; frame counts are 1 or multiples of 4 from 8 to {info.max_frames}. "
-        "Start/end images appear only for models that take them (none of the current family does)."
+        "Start/end images appear only for models that take them (EasyAnimate V5.1 InP)."
     )
 
 
@@ -88,7 +99,8 @@ def build_app(settings: Settings, studio: Studio | None = None) -> gr.Blocks:
                             )
                         with gr.Row():
                             scheduler = gr.Dropdown(
-                                list(SCHEDULERS),
+                                # Every family's names; the request check accepts those of the chosen model.
+                                [*SCHEDULERS, V51_SCHEDULER],
                                 value=d.get("scheduler", g.scheduler),
                                 label="Scheduler",
                                 elem_id="scheduler",
@@ -116,8 +128,7 @@ def build_app(settings: Settings, studio: Studio | None = None) -> gr.Blocks:
                             )
                             seed = gr.Number(value=g.seed, precision=0, label="Seed", elem_id="seed")
                         randomise = gr.Button("Randomise seed", elem_id="randomise", size="sm")
-                        # Image-to-video inputs: shown only for a model that conditions on images. No model family
-                        # here does (EasyAnimate V5.1's InP pipeline is another issue), so they stay hidden.
+                        # Image-to-video inputs: shown only for a model that conditions on images (V5.1 InP).
                         with gr.Row(visible=bool(info and info.image_to_video)) as image_row:
                             start_image = gr.Image(type="filepath", label="Start image", elem_id="start_image")
                             end_image = gr.Image(type="filepath", label="End image", elem_id="end_image")

@@ -10,9 +10,10 @@
 - **Registry**: versions, metrics side by side, promotion decisions, lineage (``easyanimate lineage``'s facts),
   evaluation sample GIFs, and ``promote --dry-run``.
 
-Image-to-video: no model family here conditions on images (EasyAnimate V5.1's InP pipeline is another issue), so
-``ModelInfo.image_to_video`` is always False and the page hides the start/end image inputs; ``check_image`` is
-what a request with an image would go through once a model takes one.
+Families: a registered (or local) model is either this project's own pipeline or an EasyAnimate V5.1 one
+(``easyanimate.families.folder_family``); a V5.1 model loads with ``load_v51_pipeline`` (``v51.memory_mode``), takes
+1 + 4k frames and sides in multiples of 16, runs its own flow-matching scheduler, and an InP one also a start (and
+end) image: ``ModelInfo.image_to_video`` shows the page's image inputs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ import numpy as np
 import pandas as pd
 
 from easyanimate.config import VAE_TEMPORAL_COMPRESSION, Settings, frame_count_problem, valid_frame_counts
-from easyanimate.registry import REGISTRY_SCHEME, download_model, pipeline_folder
+from easyanimate.families import V51, folder_family
+from easyanimate.registry import (
+    REGISTRY_SCHEME,
+    download_model,
+    pipeline_folder,
+    registered_adapter_dir,
+    registered_pipeline_dir,
+)
 from easyanimate.tracking import tracking_uri
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
@@ -44,6 +52,8 @@ MAX_THUMBNAILS = 48
 THUMBNAIL_SIDE = 160
 HISTOGRAM_BINS = 10
 SIZE_RE = re.compile(r"^\s*(\d+)\s*[x×X*]\s*(\d+)\s*$")
+V51_SCHEDULER = "flow-match"  # a V5.1 model runs the scheduler it was released with
+V51_MAX_FRAMES = 49  # the V5.1 releases' longest video (trained at 49 frames)
 
 # Request fields in the order the page's Generate tab lists its inputs; ``check_request`` keys its messages by them.
 FIELDS = (
@@ -89,8 +99,9 @@ class ModelInfo:
     trained_settings: str  # where the buckets and defaults came from
     version: str | None = None
     run_id: str | None = None
-    # No model family here conditions on images (EasyAnimate V5.1's InP pipeline is another issue).
-    image_to_video: bool = False
+    image_to_video: bool = False  # a V5.1 InP model: start (and end) images
+    family: str = "native"
+    schedulers: tuple[str, ...] = ()  # the scheduler choices this model takes (empty: every native one)
 
     @property
     def size_labels(self) -> list[str]:
@@ -111,6 +122,8 @@ class Request:
     height: int
     num_frames: int
     seed: int
+    start_image: str | None = None  # V5.1 InP models only
+    end_image: str | None = None
 
 
 @dataclass
@@ -165,7 +178,13 @@ def _float(value, name: str) -> float:
     return number
 
 
-def check_frames(num_frames: int, max_frames: int) -> None:
+def check_frames(num_frames: int, max_frames: int, family: str = "native") -> None:
+    if family == V51:
+        if num_frames < 1 or num_frames > max_frames or (num_frames - 1) % VAE_TEMPORAL_COMPRESSION:
+            raise ValueError(
+                f"{num_frames} frames: this V5.1 model makes 1 + 4k frames (1, 5, 9, ...) up to {max_frames}"
+            )
+        return
     problem = frame_count_problem(num_frames, max_frames)
     if problem:
         raise ValueError(problem)
@@ -270,7 +289,7 @@ class Studio:
             Choice(self._label(mv), f"{REGISTRY_SCHEME}{self.model_name}/{mv.version}")
             for mv in self._versions(self.model_name)
         ]
-        local = self.settings.paths.pipeline
+        local = registered_pipeline_dir(self.settings)  # this project's family's pipeline folder
         if (local / "model_index.json").is_file():
             out.append(Choice(f"folder {local}", str(local)))
         return out
@@ -364,6 +383,8 @@ class Studio:
                     return node
             return default
 
+        if folder_family(folder) == V51:
+            return self._v51_geometry(ref, label, folder, pick, source, mv)
         vae = json.loads((folder / "vae" / "config.json").read_text())
         dit = json.loads((folder / "transformer" / "config.json").read_text())
         grid = int(dit.get("grid_reshape", 1)) if dit.get("motion_module", True) else 1
@@ -408,6 +429,50 @@ class Studio:
             run_id=mv.run_id if mv is not None else None,
         )
 
+    def _v51_geometry(self, ref, label, folder: Path, pick, source: str, mv) -> ModelInfo:
+        """A V5.1 model: sides in multiples of 8 (VAE) x its patch size, 1 + 4k frames, the buckets it was fine-tuned
+        in (``v51.train_*``, ``bucket_aspect_ratios``), its own scheduler; image inputs when it is an InP one."""
+        from easyanimate.data.buckets import BucketTable
+        from easyanimate.families.v51 import is_inpaint_checkpoint
+
+        dit = json.loads((folder / "transformer" / "config.json").read_text())
+        multiple = 8 * int(dit.get("patch_size", 2))
+        g = self.settings.generate
+        max_frames = min(g.max_frames, V51_MAX_FRAMES)
+        side = int(math.sqrt(int(pick("v51", "train_height")) * int(pick("v51", "train_width"))))
+        try:
+            table = BucketTable.build(side, pick("v51", "bucket_aspect_ratios") or ("1:1",), multiple).sizes
+        except ValueError:
+            table = ()
+        default = (int(pick("generate", "width")), int(pick("generate", "height")))
+        sizes = [default] if default[0] % multiple == 0 and default[1] % multiple == 0 else []
+        sizes += [(w, h) for h, w in table if (w, h) not in sizes]
+        sizes = [s for s in sizes if max(s) <= g.max_side] or [(multiple, multiple)]
+        frames = int(pick("v51", "num_frames"))
+        return ModelInfo(
+            ref=ref,
+            label=label,
+            folder=folder,
+            multiple=multiple,
+            sizes=tuple(sizes),
+            frame_counts=tuple(range(1, max_frames + 1, VAE_TEMPORAL_COMPRESSION)),
+            max_frames=max_frames,
+            defaults={
+                "width": sizes[0][0],
+                "height": sizes[0][1],
+                "num_frames": frames if frames <= max_frames else 1,
+                "steps": min(int(pick("generate", "num_inference_steps")), g.max_inference_steps),
+                "guidance_scale": float(pick("generate", "guidance_scale")),
+                "scheduler": V51_SCHEDULER,
+            },
+            trained_settings=source,
+            version=str(mv.version) if mv is not None else None,
+            run_id=mv.run_id if mv is not None else None,
+            image_to_video=is_inpaint_checkpoint(folder),
+            family=V51,
+            schedulers=(V51_SCHEDULER,),
+        )
+
     @staticmethod
     def _scheduler_name(folder: Path) -> str | None:
         """The name (``easyanimate.schedulers.SCHEDULERS``) of the scheduler saved with the pipeline."""
@@ -426,15 +491,14 @@ class Studio:
     def loras(self, model_ref: str | None) -> list[Choice]:
         """Adapters trained on ``model_ref``: registry versions whose ``base_model_uri`` is that version, or, for
         the local ``paths.pipeline`` folder, the local ``paths.lora`` adapter trained with it."""
-        from easyanimate.pipelines.pipeline_easyanimate import LORA_WEIGHT_NAME
 
         try:
             ref, mv = self.canonical(model_ref)
         except ValueError:
             return []
         if mv is None:
-            local = self.settings.paths.lora
-            if Path(ref) == self.settings.paths.pipeline.resolve() and (local / LORA_WEIGHT_NAME).is_file():
+            local = registered_adapter_dir(self.settings)
+            if Path(ref) == registered_pipeline_dir(self.settings).resolve() and local is not None:
                 return [Choice(f"folder {local}", str(local.resolve()))]
             return []
         name = self.settings.lora.registered_model
@@ -514,8 +578,9 @@ class Studio:
             from easyanimate.schedulers import SCHEDULERS
 
             name = str(form.get("scheduler") or "")
-            if name not in SCHEDULERS:
-                raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+            choices = (info.schedulers if info is not None else ()) or tuple(SCHEDULERS)
+            if name not in choices:
+                raise ValueError(f"unknown scheduler {name!r} for this model; choose one of {sorted(choices)}")
             return name
 
         sched = attempt("scheduler", scheduler)
@@ -553,7 +618,10 @@ class Studio:
 
         def frames():
             value = _int(form.get("num_frames"), "frames")
-            check_frames(value, info.max_frames if info is not None else g.max_frames)
+            if info is None:
+                check_frames(value, g.max_frames)
+            else:
+                check_frames(value, info.max_frames, info.family)
             return value
 
         n_frames = attempt("num_frames", frames)
@@ -565,12 +633,16 @@ class Studio:
             return value
 
         the_seed = attempt("seed", seed)
-        for key in ("start_image", "end_image"):
+        images: dict[str, str | None] = {"start_image": None, "end_image": None}
+        for key in images:
             if form.get(key):
                 if info is not None and not info.image_to_video:
                     errors[key] = "this model does not take images (text-to-video only)"
                 else:
-                    attempt(key, lambda key=key: check_image(form[key]))
+                    checked = attempt(key, lambda key=key: check_image(form[key]))
+                    images[key] = str(checked) if checked is not None else None
+        if form.get("end_image") and not form.get("start_image") and "end_image" not in errors:
+            errors["end_image"] = "an end image needs a start image"
         if wh and n_frames and n_steps:
             work = wh[0] * wh[1] * n_frames * n_steps
             if work > cfg.max_request_work:
@@ -593,6 +665,7 @@ class Studio:
             height=wh[1],
             num_frames=n_frames,
             seed=the_seed,
+            **images,
         )
 
     # -------------------------------------------------------------- generation
@@ -604,6 +677,9 @@ class Studio:
         """Runs alone (see ``_Gate``): load the model if it changed, then swap the adapter if it changed."""
         from easyanimate.pipelines import EasyAnimatePipeline
 
+        if info.family == V51:
+            self._configure_v51(info, req, progress)
+            return
         if self._pipe_ref != info.ref:
             progress(0, 1, f"loading {info.label}")
             self._pipe = self._pipe_ref = self._lora_ref = None
@@ -623,6 +699,57 @@ class Studio:
         if req.lora is not None:
             self._pipe.set_lora_scale(req.lora_scale)
 
+    def _configure_v51(self, info: ModelInfo, req: Request, progress: ProgressFn) -> None:
+        """A V5.1 model: its adapter goes in before the memory mode's hooks, so another adapter means a reload."""
+        from easyanimate.families.v51 import load_v51_pipeline, set_v51_lora_scale
+
+        if self._pipe_ref != info.ref or self._lora_ref != req.lora:
+            progress(0, 1, f"loading {info.label}" + (" with its LoRA adapter" if req.lora else ""))
+            self._pipe = self._pipe_ref = self._lora_ref = None
+            gc.collect()
+            v = self.settings.v51
+            self._pipe = load_v51_pipeline(
+                info.folder,
+                v.memory_mode,
+                dtype=v.dtype,
+                lora_dir=self._lora_file(req.lora) if req.lora else None,
+                lora_scale=req.lora_scale if req.lora else 1.0,
+                tile_sample_min_size=v.tile_sample_min_size,
+                tile_sample_stride=v.tile_sample_stride,
+            )
+            self._pipe_ref, self._lora_ref = info.ref, req.lora
+            self.pipeline_loads += 1
+        if req.lora is not None:
+            set_v51_lora_scale(self._pipe, req.lora_scale)
+
+    def _generate_v51(self, req: Request, out: Path, progress: ProgressFn) -> None:
+        from easyanimate.families.v51 import generate_v51
+        from easyanimate.pipelines.pipeline_easyanimate import encode_video
+        from easyanimate.utils import atomic_write_bytes
+
+        def on_step(p, step: int, timestep, tensors: dict) -> dict:
+            progress(step + 1, p.num_timesteps, "denoising")
+            return tensors
+
+        v = self.settings.v51
+        frames = generate_v51(
+            self._pipe,
+            req.prompt,
+            req.num_frames,
+            req.height,
+            req.width,
+            req.steps,
+            req.guidance_scale,
+            req.seed,
+            req.start_image,
+            req.end_image,
+            negative_prompt=req.negative_prompt,
+            max_sequence_length=v.max_sequence_length,
+            noise_aug_strength=v.noise_aug_strength,
+            callback_on_step_end=on_step,
+        )
+        atomic_write_bytes(out, encode_video(frames, "mp4", self.settings.generate.fps))
+
     def generate(self, req: Request, progress: ProgressFn | None = None) -> Result:
         """One video for a checked request; ``progress(done, total, what)`` after every denoising step."""
         import torch
@@ -635,6 +762,12 @@ class Studio:
         with self._lock:
             self._counter += 1
             out = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{self._counter:04d}-seed{req.seed}.mp4"
+        if info.family == V51:
+            with self._gate.hold(key, lambda: self._configure(info, req, progress)):
+                started = time.perf_counter()
+                self._generate_v51(req, out, progress)
+                seconds = time.perf_counter() - started
+            return Result(out, self.describe(req, info, seconds), seconds)
         with self._gate.hold(key, lambda: self._configure(info, req, progress)):
             pipe = self._pipe
             # A per-request view of the loaded modules with its own scheduler (scheduler state is per run).
@@ -684,6 +817,9 @@ class Studio:
             "--height", str(req.height), "--width", str(req.width), "--guidance", f"{req.guidance_scale:g}",
             "--negative-prompt", req.negative_prompt,
         ]  # fmt: skip
+        for flag, image in (("--image", req.start_image), ("--end-image", req.end_image)):
+            if image:
+                command += [flag, image]
         params["command"] = shlex.join(command)
         own = info.defaults.get("scheduler")
         if req.scheduler != own:
