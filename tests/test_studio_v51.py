@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from easyanimate.config import load_settings
 from easyanimate.data.video_io import decode_frames
 from tests.conftest import REPO
-from tests.v51_tiny import save_tiny_v51
+from tests.v51_tiny import save_tiny_v51, save_tiny_v51_lora
 
 FIELDS = {"scheduler": "flow-match", "steps": 2, "guidance_scale": 3.0, "size": "32x32", "num_frames": 5, "seed": 3}
 
@@ -28,20 +27,12 @@ def studio(tmp_path_factory):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from easyanimate.families.v51 import add_v51_lora, load_v51_pipeline, save_v51_lora
     from easyanimate.registry import pyfunc_model
     from easyanimate.studio.service import Studio
 
     root = tmp_path_factory.mktemp("studio-v51")
     inp = save_tiny_v51(root / "inp", inpaint=True)
-    pipe = load_v51_pipeline(inp, dtype=torch.float32, device="cpu")
-    config = add_v51_lora(pipe.transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    lora = save_v51_lora(pipe, root / "lora", config)
+    lora = save_tiny_v51_lora(inp, root / "lora")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     settings = load_settings(
         REPO / "params.yaml",

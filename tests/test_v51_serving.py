@@ -12,12 +12,11 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from easyanimate.config import GenerateConfig, V51Config
 from easyanimate.data.video_io import decode_frames
 from easyanimate.serving.pyfunc import EasyAnimatePyfunc, GenerationStopped
-from tests.v51_tiny import save_tiny_v51
+from tests.v51_tiny import save_tiny_v51, save_tiny_v51_lora
 
 FRAMES, SIZE, STEPS = 5, 32, 2
 PROMPT = "a red fox runs"
@@ -53,20 +52,6 @@ def _images() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return start, 255 - start, np.full((SIZE, SIZE, 3), 200, dtype=np.uint8)
 
 
-def _make_lora(model_dir, folder):
-    """A V5.1 adapter with random lora_B (a fresh one is zero), saved as save_v51_lora writes it."""
-    from easyanimate.families.v51 import add_v51_lora, load_v51_pipeline, save_v51_lora
-
-    pipe = load_v51_pipeline(model_dir, dtype=torch.float32, device="cpu")
-    config = add_v51_lora(pipe.transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return save_v51_lora(pipe, folder, config)
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """models:/v51-t2v/1 (no adapter), models:/v51-inp@champion, and models:/v51-lora@champion: the adapter alone
@@ -77,7 +62,7 @@ def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("v51-serving")
     t2v = save_tiny_v51(root / "t2v", inpaint=False)
     inp = save_tiny_v51(root / "inp", inpaint=True)
-    lora = _make_lora(t2v, root / "lora")
+    lora = save_tiny_v51_lora(t2v, root / "lora")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)

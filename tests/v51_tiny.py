@@ -151,3 +151,18 @@ def save_tiny_v51(folder: str | Path, inpaint: bool, seed: int = 0) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def save_tiny_v51_lora(model_dir: str | Path, folder: str | Path, seed: int = 0) -> Path:
+    """A LoRA on ``model_dir``'s transformer with random ``lora_B`` (a fresh one is zero, i.e. no change), saved as
+    ``save_v51_lora`` writes adapters (diffusers' LoRA format + peft's adapter_config.json)."""
+    from easyanimate.families.v51 import add_v51_lora, load_v51_pipeline, save_v51_lora
+
+    pipe = load_v51_pipeline(model_dir, dtype=torch.float32, device="cpu")
+    config = add_v51_lora(pipe.transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return save_v51_lora(pipe, folder, config)

@@ -401,10 +401,7 @@ class Studio:
                 table = ()
         else:
             table = ((resolution, resolution),)
-        default = (int(pick("generate", "width")), int(pick("generate", "height")))
-        sizes = [default] if default[0] % multiple == 0 and default[1] % multiple == 0 else []
-        sizes += [(w, h) for h, w in table if (w, h) not in sizes]
-        sizes = [s for s in sizes if max(s) <= g.max_side] or [(multiple, multiple)]
+        sizes = self._sizes(pick, table, multiple)
         frames = int(pick("generate", "num_frames"))
         scheduler = self._scheduler_name(folder) or pick("generate", "scheduler")
         defaults = {
@@ -429,6 +426,14 @@ class Studio:
             run_id=mv.run_id if mv is not None else None,
         )
 
+    def _sizes(self, pick, table, multiple: int) -> list[tuple[int, int]]:
+        """(width, height) choices: the generation default when the model can make it, then its buckets
+        (``table``: (height, width)), within ``generate.max_side``."""
+        default = (int(pick("generate", "width")), int(pick("generate", "height")))
+        sizes = [default] if default[0] % multiple == 0 and default[1] % multiple == 0 else []
+        sizes += [(w, h) for h, w in table if (w, h) not in sizes]
+        return [s for s in sizes if max(s) <= self.settings.generate.max_side] or [(multiple, multiple)]
+
     def _v51_geometry(self, ref, label, folder: Path, pick, source: str, mv) -> ModelInfo:
         """A V5.1 model: sides in multiples of 8 (VAE) x its patch size, 1 + 4k frames, the buckets it was fine-tuned
         in (``v51.train_*``, ``bucket_aspect_ratios``), its own scheduler; image inputs when it is an InP one."""
@@ -444,10 +449,7 @@ class Studio:
             table = BucketTable.build(side, pick("v51", "bucket_aspect_ratios") or ("1:1",), multiple).sizes
         except ValueError:
             table = ()
-        default = (int(pick("generate", "width")), int(pick("generate", "height")))
-        sizes = [default] if default[0] % multiple == 0 and default[1] % multiple == 0 else []
-        sizes += [(w, h) for h, w in table if (w, h) not in sizes]
-        sizes = [s for s in sizes if max(s) <= g.max_side] or [(multiple, multiple)]
+        sizes = self._sizes(pick, table, multiple)
         frames = int(pick("v51", "num_frames"))
         return ModelInfo(
             ref=ref,
