@@ -404,14 +404,7 @@ class Studio:
         sizes = self._sizes(pick, table, multiple)
         frames = int(pick("generate", "num_frames"))
         scheduler = self._scheduler_name(folder) or pick("generate", "scheduler")
-        defaults = {
-            "width": sizes[0][0],
-            "height": sizes[0][1],
-            "num_frames": frames if frames <= max_frames else 1,
-            "steps": min(int(pick("generate", "num_inference_steps")), g.max_inference_steps),
-            "guidance_scale": float(pick("generate", "guidance_scale")),
-            "scheduler": scheduler,
-        }
+        defaults = self._defaults(pick, sizes, frames, max_frames, scheduler)
         return ModelInfo(
             ref=ref,
             label=label,
@@ -433,6 +426,17 @@ class Studio:
         sizes = [default] if default[0] % multiple == 0 and default[1] % multiple == 0 else []
         sizes += [(w, h) for h, w in table if (w, h) not in sizes]
         return [s for s in sizes if max(s) <= self.settings.generate.max_side] or [(multiple, multiple)]
+
+    def _defaults(self, pick, sizes, frames: int, max_frames: int, scheduler: str) -> dict:
+        """What the page starts a model's form with."""
+        return {
+            "width": sizes[0][0],
+            "height": sizes[0][1],
+            "num_frames": frames if frames <= max_frames else 1,
+            "steps": min(int(pick("generate", "num_inference_steps")), self.settings.generate.max_inference_steps),
+            "guidance_scale": float(pick("generate", "guidance_scale")),
+            "scheduler": scheduler,
+        }
 
     def _v51_geometry(self, ref, label, folder: Path, pick, source: str, mv) -> ModelInfo:
         """A V5.1 model: sides in multiples of 8 (VAE) x its patch size, 1 + 4k frames, the buckets it was fine-tuned
@@ -459,14 +463,7 @@ class Studio:
             sizes=tuple(sizes),
             frame_counts=tuple(range(1, max_frames + 1, VAE_TEMPORAL_COMPRESSION)),
             max_frames=max_frames,
-            defaults={
-                "width": sizes[0][0],
-                "height": sizes[0][1],
-                "num_frames": frames if frames <= max_frames else 1,
-                "steps": min(int(pick("generate", "num_inference_steps")), g.max_inference_steps),
-                "guidance_scale": float(pick("generate", "guidance_scale")),
-                "scheduler": V51_SCHEDULER,
-            },
+            defaults=self._defaults(pick, sizes, frames, max_frames, V51_SCHEDULER),
             trained_settings=source,
             version=str(mv.version) if mv is not None else None,
             run_id=mv.run_id if mv is not None else None,
