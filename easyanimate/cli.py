@@ -228,7 +228,7 @@ def generate(
     params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Generate a video for PROMPT with a trained pipeline, or with a released EasyAnimate V5.1 folder."""
-    from easyanimate.config import frame_count_problem
+    from easyanimate.config import frame_count_problem, v51_frame_count_problem
 
     settings = _settings(params)
     g = settings.generate
@@ -254,12 +254,9 @@ def generate(
     height = g.height if height is None else height
     width = g.width if width is None else width
     steps = g.num_inference_steps if steps is None else steps
-    if family == "native":
-        problem = frame_count_problem(num_frames, g.max_frames)
-    elif (num_frames - 1) % 4:  # every V5.1 MagViT compresses time by 4 (checked again on the loaded VAE)
-        problem = f"{num_frames} frames: the V5.1 MagViT VAE takes 1 + 4k frames (1, 5, 9, ..., 49)"
-    else:
-        problem = f"{num_frames} frames is more than the {g.max_frames} allowed" if num_frames > g.max_frames else None
+    # The V5.1 rule is checked again on the loaded VAE.
+    frame_rule = frame_count_problem if family == "native" else v51_frame_count_problem
+    problem = frame_rule(num_frames, g.max_frames)
     if problem:
         _fail(f"--frames: {problem} (generate.max_frames)")
     for flag, value in (("--height", height), ("--width", width)):

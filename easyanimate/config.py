@@ -33,6 +33,24 @@ def frame_count_problem(num_frames: int, max_frames: int | None = None) -> str |
     return None
 
 
+# EasyAnimate V5.1's MagViT VAE also compresses time by 4, but encodes the first frame alone: 1 + 4k frames.
+MAGVIT_TEMPORAL_COMPRESSION = 4
+
+
+def v51_frame_count_problem(num_frames: int, max_frames: int | None = None) -> str | None:
+    """Why ``num_frames`` is not a frame count a V5.1 model (its MagViT VAE) makes; None if it is."""
+    step = MAGVIT_TEMPORAL_COMPRESSION
+    if num_frames < 1 or (num_frames - 1) % step:
+        return f"{num_frames} frames: the V5.1 MagViT VAE takes 1 + {step}k frames (1, {1 + step}, {1 + 2 * step}, ...)"
+    if max_frames is not None and num_frames > max_frames:
+        return f"{num_frames} frames is more than the {max_frames} allowed"
+    return None
+
+
+def v51_frame_counts(max_frames: int) -> tuple[int, ...]:
+    return tuple(range(1, max_frames + 1, MAGVIT_TEMPORAL_COMPRESSION))
+
+
 def valid_frame_counts(max_frames: int) -> tuple[int, ...]:
     step = VAE_TEMPORAL_COMPRESSION
     return (1, *range(2 * step, max_frames + 1, step))
@@ -709,8 +727,9 @@ class V51Config(_Section):
         if self.vae_crop % 16:
             raise ValueError(f"vae_crop={self.vae_crop}: must be a multiple of 16 (the MagViT's 8x and its blocks)")
         for key in ("num_frames", "train_num_frames", "vae_num_frames"):
-            if (getattr(self, key) - 1) % VAE_TEMPORAL_COMPRESSION:
-                raise ValueError(f"{key}={getattr(self, key)}: the MagViT VAE takes 1 + 4k frames (1, 5, 9, ..., 49)")
+            problem = v51_frame_count_problem(getattr(self, key))
+            if problem:
+                raise ValueError(f"{key}: {problem}")
         if not self.eval_sigmas or not all(0 < s < 1 for s in self.eval_sigmas):
             raise ValueError(f"eval_sigmas={self.eval_sigmas}: give noise levels strictly between 0 and 1")
         for spec in self.bucket_aspect_ratios:

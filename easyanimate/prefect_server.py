@@ -83,8 +83,7 @@ def ensure_workspace_server(configured_mode: str, idle_s: float, timeout_s: floa
 
     state = state_dir()
     state.mkdir(parents=True, exist_ok=True)
-    touch_heartbeat(state)
-    url = adopt_local_prefect_server(state)
+    url = adopt_local_prefect_server(state)  # adopting touches the heartbeat: a use
     if url:
         return url
     with FileLock(str(state / START_LOCK_FILE), timeout=timeout_s):

@@ -42,6 +42,7 @@ from easyanimate.stages import (
     V51,
     family_role,
     get_stage,
+    producer,
     report_dir,
     stage_inputs_hash,
     stage_names_for,
@@ -208,15 +209,20 @@ def evaluation_dir(settings: Settings) -> Path:
 
 
 def registered_pipeline_dir(settings: Settings) -> Path:
-    return settings.paths.pipeline if settings.model.family == NATIVE else settings.paths.v51_pipeline
+    """The pipeline folder the family's evaluate stage assembles (its output in the DAG)."""
+    [pipeline] = get_stage(family_role(settings.model.family, "evaluate")).outs
+    return getattr(settings.paths, pipeline)
 
 
 def registered_adapter_dir(settings: Settings) -> Path | None:
-    """The LoRA adapter registered beside the pipeline, if one was trained (V5.1: only ``v51.finetune: lora``)."""
+    """The LoRA adapter registered beside the pipeline, if one was trained: the register stage's input that a
+    training stage writes (native ``lora``; V5.1 ``v51_finetune``, an adapter only with ``v51.finetune: lora``)."""
     from easyanimate.pipelines.pipeline_easyanimate import LORA_WEIGHT_NAME
 
-    adapter = settings.paths.lora if settings.model.family == NATIVE else settings.paths.v51_finetune
-    return adapter if (adapter / LORA_WEIGHT_NAME).is_file() else None
+    spec = get_stage(register_stage(settings))
+    [adapter] = [dep for dep in spec.deps if (made_by := producer(dep)) and get_stage(made_by).trains]
+    folder = getattr(settings.paths, adapter)
+    return folder if (folder / LORA_WEIGHT_NAME).is_file() else None
 
 
 def pyfunc_model(settings: Settings, **kwargs):

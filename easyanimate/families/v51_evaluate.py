@@ -145,7 +145,7 @@ def evaluate_v51(settings: Settings, out_dir: Path, folder: Path, lora_dir: Path
     }
     scheduler_config = dict(pipe.scheduler.config)
     if val:
-        clips = clips_by_split(settings)["val"]
+        clips = clips_by_split(settings, ("val",))["val"]
         metrics.update(vae_metrics(pipe.vae, clips, v.train_num_frames))
         args = (val, index["scaling_factor"], v.eval_sigmas, scheduler_config, e.seed)
         tuned = validation_loss(pipe.transformer, *args)

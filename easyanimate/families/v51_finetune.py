@@ -13,7 +13,7 @@ import json
 import time
 
 from easyanimate.config import Settings
-from easyanimate.families.v51 import DTYPES, check_v51_folder, train_v51_transformer
+from easyanimate.families.v51 import DTYPES, check_v51_folder, default_device, train_v51_transformer
 from easyanimate.families.v51_latents import load_latent_cache
 from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.utils import atomic_directory
@@ -26,13 +26,7 @@ def load_transformer(settings: Settings, device=None):
     transformer = EasyAnimateTransformer3DModel.from_pretrained(
         folder / "transformer", torch_dtype=DTYPES[settings.v51.dtype], local_files_only=True
     )
-    return transformer.to(device or ("cuda" if _cuda() else "cpu"))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return transformer.to(device or default_device())
 
 
 def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
@@ -40,10 +34,8 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
     samples, empty, index = load_latent_cache(settings.paths.v51_latents, "train")
     transformer = load_transformer(settings)
     scheduler_config = json.loads((check_v51_folder(v.model_dir) / "scheduler" / "scheduler_config.json").read_text())
-    losses: list[float] = []
 
     def log(step: int, loss: float) -> None:
-        losses.append(loss)
         for tracker in ctx.trackers:
             tracker.log({"train/loss": loss}, step=step)
         if ctx.show_progress and (step % max(1, v.train_steps // 10) == 0 or step == v.train_steps):

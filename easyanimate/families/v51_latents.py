@@ -50,7 +50,9 @@ def buckets_for(settings: Settings) -> BucketTable:
     return BucketTable.build(side, v.bucket_aspect_ratios, 16)
 
 
-def clips_by_split(settings: Settings) -> dict[str, list[ClipFrames]]:
+def clips_by_split(settings: Settings, splits: tuple[str, ...] = SPLITS) -> dict[str, list[ClipFrames]]:
+    """The decoded clips of each of ``splits`` at their buckets (``train``: ``v51.data_dir``'s instead, when set);
+    only the splits asked for are decoded."""
     v = settings.v51
     buckets = buckets_for(settings)
     max_seconds = v.train_num_frames / v.sample_fps
@@ -63,16 +65,18 @@ def clips_by_split(settings: Settings) -> dict[str, list[ClipFrames]]:
             curated, split, v.train_height, v.sample_fps, max_seconds=max_seconds, square_crop=False, buckets=buckets
         )
 
-    if v.data_dir is not None:
-        from easyanimate.training.lora import load_style_folder
+    def decode(split: str) -> list[ClipFrames]:
+        if split == "train" and v.data_dir is not None:
+            from easyanimate.training.lora import load_style_folder
 
-        if not Path(v.data_dir).is_dir():
-            raise V51Error(f"v51.data_dir={v.data_dir} is not a folder of images/videos with <name>.txt captions")
-        train = load_style_folder(
-            Path(v.data_dir), v.train_height, v.sample_fps, settings.curate.video_extensions, buckets
-        )
-        return {"train": train, "val": from_curated("val")}
-    return {split: from_curated(split) for split in SPLITS}
+            if not Path(v.data_dir).is_dir():
+                raise V51Error(f"v51.data_dir={v.data_dir} is not a folder of images/videos with <name>.txt captions")
+            return load_style_folder(
+                Path(v.data_dir), v.train_height, v.sample_fps, settings.curate.video_extensions, buckets
+            )
+        return from_curated(split)
+
+    return {split: decode(split) for split in splits}
 
 
 def _write_sample(path: Path, sample: LatentSample) -> None:

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from easyanimate.config import Settings
-from easyanimate.families.v51 import V51Error, check_v51_folder, resume_checkpoint, sample_frames, save_checkpoint
+from easyanimate.families.v51 import (
+    V51Error,
+    check_v51_folder,
+    default_device,
+    resume_checkpoint,
+    sample_frames,
+    save_checkpoint,
+)
 from easyanimate.families.v51_latents import clips_by_split
 from easyanimate.stage_api import StageContext, StageResult, write_reports
 from easyanimate.utils import atomic_directory, link_or_copy
@@ -108,12 +115,14 @@ def run_stage(settings: Settings, ctx: StageContext) -> StageResult:
             summary = {"steps": 0, "resumed_from": 0, "losses": [], "fine_tuned": False}
         else:
             clips = [
-                c.frames.permute(0, 2, 3, 1).numpy() for c in clips_by_split(settings)["train"] if c.frames.shape[0]
+                c.frames.permute(0, 2, 3, 1).numpy()
+                for c in clips_by_split(settings, ("train",))["train"]
+                if c.frames.shape[0]
             ]
             if not clips:
                 raise V51Error("v51_vae: no training clips in the curated dataset to fine-tune the decoder on")
             vae = AutoencoderKLMagvit.from_pretrained(release, torch_dtype=torch.float32, local_files_only=True)
-            vae.to("cuda" if torch.cuda.is_available() else "cpu")
+            vae.to(default_device())
             if vae.config.get("cache_mag_vae") is None:  # as load_v51_pipeline: the V5.1 configs carry it
                 vae.register_to_config(cache_mag_vae=True)
 

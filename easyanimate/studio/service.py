@@ -34,7 +34,14 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from easyanimate.config import VAE_TEMPORAL_COMPRESSION, Settings, frame_count_problem, valid_frame_counts
+from easyanimate.config import (
+    VAE_TEMPORAL_COMPRESSION,
+    Settings,
+    frame_count_problem,
+    v51_frame_count_problem,
+    v51_frame_counts,
+    valid_frame_counts,
+)
 from easyanimate.families import V51, folder_family
 from easyanimate.registry import (
     REGISTRY_SCHEME,
@@ -179,13 +186,7 @@ def _float(value, name: str) -> float:
 
 
 def check_frames(num_frames: int, max_frames: int, family: str = "native") -> None:
-    if family == V51:
-        if num_frames < 1 or num_frames > max_frames or (num_frames - 1) % VAE_TEMPORAL_COMPRESSION:
-            raise ValueError(
-                f"{num_frames} frames: this V5.1 model makes 1 + 4k frames (1, 5, 9, ...) up to {max_frames}"
-            )
-        return
-    problem = frame_count_problem(num_frames, max_frames)
+    problem = (v51_frame_count_problem if family == V51 else frame_count_problem)(num_frames, max_frames)
     if problem:
         raise ValueError(problem)
 
@@ -461,7 +462,7 @@ class Studio:
             folder=folder,
             multiple=multiple,
             sizes=tuple(sizes),
-            frame_counts=tuple(range(1, max_frames + 1, VAE_TEMPORAL_COMPRESSION)),
+            frame_counts=v51_frame_counts(max_frames),
             max_frames=max_frames,
             defaults=self._defaults(pick, sizes, frames, max_frames, V51_SCHEDULER),
             trained_settings=source,
